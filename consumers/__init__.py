@@ -1,0 +1,1 @@
+"""RabbitMQ entry points: per-contact re-analysis and dead-letter replay."""

@@ -1,0 +1,1 @@
+"""aiohttp entry points: webhook intake, REST /dialogs/*, health, readiness, metrics."""

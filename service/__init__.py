@@ -1,0 +1,1 @@
+"""crm-backend core: configuration, domain, Evolution reader, analyzers, stores, pipeline."""

@@ -1,0 +1,1 @@
+"""Analyzers turn a dialog into lead facts (never a score)."""

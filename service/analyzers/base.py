@@ -1,0 +1,41 @@
+"""Analyzer interface shared by the rules and OpenAI analyzers."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+from service.domain.dialog import Dialog
+from service.domain.facts import LeadFacts
+
+
+class TokenUsage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 0
+
+
+class AnalysisResult(msgspec.Struct, kw_only=True):
+    facts: LeadFacts
+    # "rules", "openai" or "rules-fallback" (the model's answer was unusable).
+    analyzer: str
+    model: str | None = None
+    usage: TokenUsage | None = None
+
+
+class AnalyzerUnavailableError(Exception):
+    """Transient failure (rate limit, 5xx, timeout) after bounded retries: retry later."""
+
+
+class AnalyzerConfigError(Exception):
+    """Permanent misconfiguration (bad key, unknown model): retrying will not help."""
+
+
+class Analyzer(Protocol):
+    name: str
+
+    async def analyze(self, dialog: Dialog) -> AnalysisResult: ...
+
+    async def close(self) -> None: ...

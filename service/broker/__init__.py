@@ -1,0 +1,1 @@
+"""RabbitMQ adapter: topology, confirmed publishing, event envelopes."""

@@ -1,0 +1,223 @@
+"""Typed settings read from the environment and an optional `.env` file.
+
+Every variable of the contract lives here, in one msgspec Struct. A bad value raises
+`ConfigError` with one line naming the variable and what it expects; the CLI turns that
+into exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+from urllib.parse import quote
+
+import msgspec
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or malformed; the message names the variable."""
+
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True):
+    host: str = "0.0.0.0"
+    port: int = msgspec.field(default=8084)
+
+    evolution_database_url: str = ""
+    evolution_db_host: str = "localhost"
+    evolution_db_port: int = 5432
+    evolution_db_name: str = "evolution"
+    evolution_db_user: str = "postgres"
+    evolution_db_password: str = ""
+    evolution_db_schema: str = "auto"
+
+    supabase_url: str | None = None
+    supabase_service_key: str | None = None
+    results_database_url: str = "postgresql:///crm"
+
+    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    # Prefix of every exchange and queue this service declares (several deployments can
+    # share one broker).
+    amqp_prefix: str = "crm"
+    # Number of contact shards (one single-active-consumer queue each). Changing it
+    # re-routes contacts: drain the queues first.
+    queue_shards: int = 8
+    # Optional: also consume Evolution's own RabbitMQ exchange (topic, routing key = event).
+    evolution_amqp_exchange: str | None = None
+    # Delivery attempts of an event before it goes to the dead-letter queue.
+    max_attempts: int = 5
+    # Delay before the n-th retry (seconds, comma separated; the last repeats).
+    retry_delays: str = "5,30,120,300"
+
+    analyzer: Literal["auto", "openai", "rules"] = "auto"
+    openai_api_key: str | None = None
+    openai_base_url: str | None = None
+    openai_model: str = "gpt-5-mini"
+    openai_timeout: float = 60.0
+    openai_max_retries: int = 4
+    # Characters of dialog text sent to the model (newest kept): bounds tokens per call.
+    max_dialog_chars: int = 12000
+
+    api_token: str | None = None
+    webhook_token: str | None = None
+    webhook_jwt_secret: str | None = None
+    auth_disabled: bool = False
+    # Evolution sends media inline as base64 when `base64` is on: size for that.
+    webhook_max_body_bytes: int = 64 * 1024 * 1024
+
+    min_incoming: int = 3
+    debounce_seconds: float = 10.0
+    analysis_concurrency: int = 8
+    max_dialog_messages: int = 200
+
+    log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "pretty"] = "json"
+
+    def __post_init__(self) -> None:
+        _check_range("PORT", self.port, 1, 65535)
+        _check_range("EVOLUTION_DB_PORT", self.evolution_db_port, 1, 65535)
+        _check_range("MIN_INCOMING", self.min_incoming, 1, 10_000)
+        _check_range("ANALYSIS_CONCURRENCY", self.analysis_concurrency, 1, 1024)
+        _check_range("MAX_DIALOG_MESSAGES", self.max_dialog_messages, 1, 100_000)
+        _check_range("MAX_DIALOG_CHARS", self.max_dialog_chars, 200, 10_000_000)
+        _check_range("QUEUE_SHARDS", self.queue_shards, 1, 1024)
+        _check_range("MAX_ATTEMPTS", self.max_attempts, 1, 100)
+        _check_range("OPENAI_MAX_RETRIES", self.openai_max_retries, 0, 20)
+        _check_range("WEBHOOK_MAX_BODY_BYTES", self.webhook_max_body_bytes, 1024, 2**31)
+        if not 0 <= self.debounce_seconds <= 3600:
+            raise ConfigError("DEBOUNCE_SECONDS must be a number of seconds from 0 to 3600")
+        if not 0 < self.openai_timeout <= 3600:
+            raise ConfigError("OPENAI_TIMEOUT must be a number of seconds from 0 to 3600")
+        if self.evolution_db_schema != "auto" and not _IDENT.fullmatch(self.evolution_db_schema):
+            raise ConfigError("EVOLUTION_DB_SCHEMA must be 'auto' or a plain schema name")
+        if not _IDENT.fullmatch(self.amqp_prefix.replace(".", "_").replace("-", "_")):
+            raise ConfigError("AMQP_PREFIX must be letters, digits, '.', '-' or '_'")
+        if bool(self.supabase_url) != bool(self.supabase_service_key):
+            raise ConfigError("SUPABASE_URL and SUPABASE_SERVICE_KEY must be set together")
+        if self.supabase_url and not self.supabase_url.startswith(("http://", "https://")):
+            raise ConfigError("SUPABASE_URL must be an http(s) URL such as https://xyz.supabase.co")
+        if not self.amqp_url.startswith(("amqp://", "amqps://")):
+            raise ConfigError("AMQP_URL must be an amqp:// or amqps:// URL")
+        for name, url in (
+            ("RESULTS_DATABASE_URL", self.results_database_url),
+            ("EVOLUTION_DATABASE_URL", self.evolution_database_url),
+        ):
+            if url and not url.startswith(("postgresql://", "postgres://")):
+                raise ConfigError(f"{name} must be a postgresql:// URL")
+        if self.analyzer == "openai" and not self.openai_api_key:
+            raise ConfigError("ANALYZER=openai needs OPENAI_API_KEY")
+        try:
+            self.retry_delay_list()
+        except ValueError:
+            raise ConfigError(
+                "RETRY_DELAYS must be positive seconds separated by commas, e.g. 5,30,120"
+            ) from None
+
+    # -- derived values -------------------------------------------------------------
+    def evolution_dsn(self) -> str:
+        if self.evolution_database_url:
+            return self.evolution_database_url
+        auth = quote(self.evolution_db_user, safe="")
+        if self.evolution_db_password:
+            auth += ":" + quote(self.evolution_db_password, safe="")
+        return (
+            f"postgresql://{auth}@{self.evolution_db_host}:{self.evolution_db_port}/"
+            f"{quote(self.evolution_db_name, safe='')}"
+        )
+
+    def analyzer_kind(self) -> Literal["openai", "rules"]:
+        if self.analyzer == "auto":
+            return "openai" if self.openai_api_key else "rules"
+        return self.analyzer
+
+    def uses_supabase(self) -> bool:
+        return bool(self.supabase_url and self.supabase_service_key)
+
+    def retry_delay_list(self) -> list[float]:
+        delays = [float(part) for part in self.retry_delays.split(",") if part.strip()]
+        if not delays or any(d <= 0 for d in delays):
+            raise ValueError("bad retry delays")
+        return delays
+
+    def webhook_auth_configured(self) -> bool:
+        return bool(self.webhook_token or self.webhook_jwt_secret)
+
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+# What each field expects, in the words a user reads in the error line.
+_EXPECT = {
+    int: "a whole number",
+    float: "a number",
+    bool: "true or false",
+    str: "text",
+}
+
+
+def _check_range(name: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be a whole number from {low} to {high}, got {value}")
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """Parse KEY=VALUE lines (optional quotes, `export`, comments); no interpolation."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")
+) -> Settings:
+    """Settings from `.env` overlaid by the process environment (the environment wins)."""
+    env = dict(os.environ if environ is None else environ)
+    merged: dict[str, str] = read_dotenv(dotenv) if dotenv is not None else {}
+    merged.update(env)
+    fields = {f.name: f for f in msgspec.structs.fields(Settings)}
+    raw: dict[str, object] = {}
+    for name in fields:
+        value = merged.get(name.upper())
+        if value is None or value == "":
+            continue
+        raw[name] = value
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(exc, fields)) from None
+
+
+def _explain(exc: msgspec.ValidationError, fields: Mapping[str, msgspec.structs.FieldInfo]) -> str:
+    text = str(exc)
+    match = re.search(r"at `\$\.(\w+)`", text)
+    if not match:
+        return text
+    name = match.group(1)
+    field = fields.get(name)
+    expected = "a valid value"
+    if field is not None:
+        tp = field.type
+        args = getattr(tp, "__args__", ())
+        if getattr(tp, "__origin__", None) is Literal:
+            expected = "one of " + ", ".join(str(a) for a in args)
+        else:
+            for kind, words in _EXPECT.items():
+                if tp is kind or kind in args:
+                    expected = words
+                    break
+    return f"{name.upper()} must be {expected}"

@@ -1,0 +1,1 @@
+"""Pure domain model: dialogs, lead facts and scoring. No I/O here."""

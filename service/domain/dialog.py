@@ -1,0 +1,83 @@
+"""A contact's WhatsApp dialog as the analyzers see it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import msgspec
+
+
+class DialogMessage(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    from_me: bool
+    timestamp: datetime  # UTC, from Evolution's messageTimestamp
+    text: str
+    type: str  # Evolution's messageType, e.g. conversation, imageMessage
+
+
+class Contact(msgspec.Struct, frozen=True, kw_only=True):
+    phone: str  # digits only, country code first
+    remote_jid: str  # the phone JID: <digits>@s.whatsapp.net
+    name: str | None = None  # the contact's push name, if known
+
+
+class ContactSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """One row of the reader's per-instance contact aggregate."""
+
+    contact: Contact
+    incoming_count: int
+    outgoing_count: int
+    first_message_at: datetime
+    last_message_at: datetime
+    last_message_id: str
+
+
+class Dialog(msgspec.Struct, kw_only=True):
+    instance: str
+    contact: Contact
+    messages: list[DialogMessage]  # chronological, newest `MAX_DIALOG_MESSAGES`
+    # Counts over the whole stored history (not only the messages kept above).
+    incoming_count: int
+    outgoing_count: int
+    first_message_at: datetime | None
+    last_message_at: datetime | None
+
+    @property
+    def last_message_id(self) -> str | None:
+        return self.messages[-1].id if self.messages else None
+
+
+def merge_messages(dialog: Dialog, extra: list[DialogMessage], limit: int) -> Dialog:
+    """Merge messages carried by events into a dialog read from the DB.
+
+    The DB write may lag the webhook, so event messages count too. Dedupe by id, keep
+    chronological order and the newest `limit`; counts grow by the genuinely new ones.
+    """
+    known = {m.id for m in dialog.messages}
+    new = [m for m in extra if m.id not in known]
+    if not new:
+        return dialog
+    merged = sorted([*dialog.messages, *{m.id: m for m in new}.values()], key=_order)
+    added = list({m.id: m for m in new}.values())
+    incoming = dialog.incoming_count + sum(1 for m in added if not m.from_me)
+    outgoing = dialog.outgoing_count + sum(1 for m in added if m.from_me)
+    times = [m.timestamp for m in merged]
+    first = min([t for t in (dialog.first_message_at, *times) if t is not None])
+    last = max([t for t in (dialog.last_message_at, *times) if t is not None])
+    return Dialog(
+        instance=dialog.instance,
+        contact=dialog.contact,
+        messages=merged[-limit:],
+        incoming_count=incoming,
+        outgoing_count=outgoing,
+        first_message_at=first,
+        last_message_at=last,
+    )
+
+
+def _order(message: DialogMessage) -> tuple[datetime, str]:
+    return (message.timestamp, message.id)
+
+
+def from_unix(seconds: int | float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=UTC)

@@ -1,0 +1,124 @@
+"""Lead score, computed in code from facts (never taken from a model).
+
+Score = base by funnel stage + niche modifier + owner + budget stated, clamped to 0-100.
+Interest: hot >= 75, warm 40-74, cold <= 39.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from service.domain.facts import FunnelStage, InterestLevel, LeadFacts, Niche
+
+STAGE_BASE: dict[str, int] = {
+    "new_lead": 5,
+    "not_qualified": 15,
+    "qualified": 30,
+    "consultation_booked": 40,
+    "consultation_completed": 55,
+    "deal_closed": 75,
+    "deal_lost": 0,
+}
+NICHE_POINTS: dict[str, int] = {
+    "medicine": 15,
+    "infobusiness": 10,
+    "targetologist": -30,
+    "other": 0,
+}
+OWNER_POINTS = 10
+BUDGET_POINTS = 10
+HOT_FROM = 75
+WARM_FROM = 40
+
+# Stages at or after a booked consultation (deal_lost excluded): `has_booking`.
+_BOOKED_STAGES = frozenset({"consultation_booked", "consultation_completed", "deal_closed"})
+
+
+class ScoreLine(msgspec.Struct, frozen=True):
+    reason: str
+    points: int
+
+
+class Score(msgspec.Struct, frozen=True, kw_only=True):
+    total: int
+    interest_level: InterestLevel
+    breakdown: list[ScoreLine]
+
+
+class ScoreInputs(msgspec.Struct, frozen=True, kw_only=True):
+    """The facts the score depends on (a manual lead may give only these)."""
+
+    funnel_stage: FunnelStage
+    niche: Niche = "other"
+    is_owner: bool | None = None
+    budget_stated: bool = False
+
+
+def interest_for(total: int) -> InterestLevel:
+    if total >= HOT_FROM:
+        return "hot"
+    if total >= WARM_FROM:
+        return "warm"
+    return "cold"
+
+
+def score_inputs(facts: LeadFacts) -> ScoreInputs:
+    return ScoreInputs(
+        funnel_stage=facts.funnel_stage,
+        niche=facts.niche,
+        is_owner=facts.is_owner,
+        budget_stated=budget_stated(facts.ad_budget),
+    )
+
+
+def score(facts: LeadFacts | ScoreInputs) -> Score:
+    inputs = facts if isinstance(facts, ScoreInputs) else score_inputs(facts)
+    lines = [ScoreLine(f"stage: {inputs.funnel_stage}", STAGE_BASE[inputs.funnel_stage])]
+    niche_points = NICHE_POINTS[inputs.niche]
+    if niche_points:
+        lines.append(ScoreLine(f"niche: {inputs.niche}", niche_points))
+    if inputs.is_owner:
+        lines.append(ScoreLine("decision maker: owner", OWNER_POINTS))
+    if inputs.budget_stated:
+        lines.append(ScoreLine("ad budget stated", BUDGET_POINTS))
+    raw = sum(line.points for line in lines)
+    total = max(0, min(100, raw))
+    if total != raw:
+        lines.append(ScoreLine("clamped to 0-100", total - raw))
+    return Score(total=total, interest_level=interest_for(total), breakdown=lines)
+
+
+def budget_stated(ad_budget: str | None) -> bool:
+    return bool(ad_budget and ad_budget.strip())
+
+
+def qualification_complete(facts: LeadFacts) -> bool:
+    """All four qualification questions of the original answered."""
+    return (
+        facts.is_owner is not None
+        and facts.has_sales_dept is not None
+        and facts.uses_ads_now is not None
+        and budget_stated(facts.ad_budget)
+    )
+
+
+def has_booking(stage: str) -> bool:
+    return stage in _BOOKED_STAGES
+
+
+class DerivedFields(msgspec.Struct, frozen=True, kw_only=True):
+    qualification_complete: bool
+    is_medical: bool
+    budget_stated: bool
+    has_booking: bool
+    sent_instagram: bool
+
+
+def derive(facts: LeadFacts) -> DerivedFields:
+    return DerivedFields(
+        qualification_complete=qualification_complete(facts),
+        is_medical=facts.niche == "medicine",
+        budget_stated=budget_stated(facts.ad_budget),
+        has_booking=has_booking(facts.funnel_stage),
+        sent_instagram=bool(facts.instagram_url),
+    )

@@ -1,0 +1,1 @@
+"""Read-only access to Evolution API's PostgreSQL database."""

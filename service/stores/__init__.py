@@ -1,0 +1,1 @@
+"""Results stores: where analysed leads are kept (Postgres direct or Supabase REST)."""

@@ -1,0 +1,255 @@
+"""The results store interface: one contract, two implementations (Postgres, Supabase).
+
+Both keep the same rules:
+- an analysis never overwrites a newer one (compared on the dialog's `last_message`
+  time, then `last_message_id`): concurrent writers converge on the newest;
+- columns listed in a row's `manual_fields` survive later automatic analyses;
+- every read and write is scoped to `user_account_id`.
+The write rules live in one SQL function (`crm_upsert_analysis`, see migrations/) that
+both stores call, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any, Literal, Protocol
+
+import msgspec
+
+from service.domain.facts import FunnelStage, InterestLevel
+
+# Columns a person may set by hand (PATCH / POST /dialogs/leads). Listed in
+# `manual_fields` once set, and then never overwritten by automatic analysis.
+MANUAL_COLUMNS: tuple[str, ...] = (
+    "contact_name",
+    "business_type",
+    "niche",
+    "is_medical",
+    "is_owner",
+    "has_sales_dept",
+    "uses_ads_now",
+    "ad_budget",
+    "sent_instagram",
+    "instagram_url",
+    "has_booking",
+    "funnel_stage",
+    "interest_level",
+    "main_intent",
+    "objection",
+    "next_message",
+    "action",
+    "notes",
+    "score",
+)
+
+
+class LeadRow(msgspec.Struct, kw_only=True, omit_defaults=False):
+    """One `dialog_analysis` row, column for column (the original's columns first)."""
+
+    id: uuid.UUID
+    instance_name: str
+    user_account_id: uuid.UUID
+    contact_phone: str
+    contact_name: str | None = None
+    incoming_count: int = 0
+    outgoing_count: int = 0
+    first_message: datetime | None = None
+    last_message: datetime | None = None
+    business_type: str | None = None
+    is_medical: bool | None = None
+    is_owner: bool | None = None
+    uses_ads_now: bool | None = None
+    has_sales_dept: bool | None = None
+    ad_budget: str | None = None
+    has_booking: bool | None = None
+    sent_instagram: bool | None = None
+    instagram_url: str | None = None
+    funnel_stage: str | None = None
+    qualification_complete: bool | None = None
+    interest_level: str | None = None
+    main_intent: str | None = None
+    objection: str | None = None
+    next_message: str | None = None
+    action: str | None = None
+    score: int | None = None
+    reasoning: str | None = None
+    notes: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    analyzed_at: datetime | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    # Added by this service.
+    niche: str | None = None
+    budget_stated: bool | None = None
+    score_breakdown: list[dict[str, Any]] | None = None
+    remote_jid: str | None = None
+    last_message_id: str | None = None
+    analyzer: str | None = None
+    llm_usage: dict[str, Any] | None = None
+    source: str = "auto"
+    manual_fields: list[str] = msgspec.field(default_factory=list)
+
+
+class AnalysisWrite(msgspec.Struct, kw_only=True):
+    """What the pipeline writes for one contact (an analysis or a `new_lead` refresh).
+
+    `analyzed` is False for contacts under the threshold: only identity, counts and times
+    change then, plus the new_lead stage/score when the row has no analysis yet.
+    """
+
+    instance_name: str
+    user_account_id: uuid.UUID
+    contact_phone: str
+    contact_name: str | None
+    remote_jid: str
+    incoming_count: int
+    outgoing_count: int
+    first_message: datetime | None
+    last_message: datetime | None
+    last_message_id: str | None
+    analyzed: bool
+    # Fact and score columns; for `analyzed=False` they describe a new_lead.
+    niche: str
+    business_type: str | None
+    is_owner: bool | None
+    has_sales_dept: bool | None
+    uses_ads_now: bool | None
+    ad_budget: str | None
+    instagram_url: str | None
+    funnel_stage: FunnelStage
+    main_intent: str
+    objection: str | None
+    action: str
+    next_message: str
+    reasoning: str | None
+    is_medical: bool
+    budget_stated: bool
+    has_booking: bool
+    sent_instagram: bool
+    qualification_complete: bool
+    score: int
+    interest_level: InterestLevel
+    score_breakdown: list[dict[str, Any]]
+    messages: list[dict[str, Any]] | None
+    analyzer: str | None
+    llm_usage: dict[str, Any] | None
+
+
+class UpsertResult(msgspec.Struct, kw_only=True):
+    applied: bool  # False when the stored row was newer (nothing written)
+    id: uuid.UUID | None
+    previous_interest: str | None  # interest level before this write (None = no row / none)
+    interest_level: str | None  # interest level after this call (stored row's if not applied)
+
+
+class StoredState(msgspec.Struct, kw_only=True):
+    """What the pipeline needs to know of a contact's stored row before analysing."""
+
+    id: uuid.UUID
+    last_message: datetime | None
+    last_message_id: str | None
+    analyzed_at: datetime | None
+    analyzer: str | None
+    funnel_stage: str | None
+    interest_level: str | None
+    manual_fields: list[str]
+    manual_values: dict[str, Any]  # the current values of the manual_fields columns
+
+
+SortKey = Literal["score"]
+
+
+class LeadQuery(msgspec.Struct, kw_only=True):
+    """Filters of `GET /dialogs/analysis` (and the CSV export)."""
+
+    user_account_id: uuid.UUID
+    instance_name: str | None = None
+    interest_level: InterestLevel | None = None
+    min_score: int | None = None
+    funnel_stage: FunnelStage | None = None
+    qualification_complete: bool | None = None
+    limit: int = 100
+    offset: int = 0
+    include_messages: bool = False
+
+
+class LeadStats(msgspec.Struct, kw_only=True):
+    total: int
+    hot: int
+    warm: int
+    cold: int
+    avgScore: float
+    totalMessages: int
+    new_lead: int
+    not_qualified: int
+    qualified: int
+    consultation_booked: int
+    consultation_completed: int
+    deal_closed: int
+    deal_lost: int
+    qualified_count: int
+    by_niche: dict[str, int]
+    analyzed_last_24h: int
+
+
+class InstanceMapping(msgspec.Struct, kw_only=True):
+    instance_name: str
+    user_account_id: uuid.UUID
+    created_at: datetime | None = None
+
+
+class DuplicateLeadError(Exception):
+    """A lead for (instance, phone) exists already."""
+
+
+class StoreUnavailableError(Exception):
+    """The results store cannot be reached (transient: retry later)."""
+
+
+class ResultsStore(Protocol):
+    """Results store operations. Every account-facing call takes the account."""
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    # pipeline
+    async def get_state(
+        self, account: uuid.UUID, instance: str, phone: str
+    ) -> StoredState | None: ...
+
+    async def upsert_analysis(self, write: AnalysisWrite) -> UpsertResult: ...
+
+    # REST
+    async def get_lead(
+        self, account: uuid.UUID, lead_id: uuid.UUID, *, include_messages: bool = False
+    ) -> LeadRow | None: ...
+
+    async def query_leads(self, query: LeadQuery) -> tuple[list[LeadRow], int]: ...
+
+    def iter_leads(self, query: LeadQuery, chunk_size: int = 1000) -> AsyncIterator[LeadRow]:
+        """All rows matching `query` (limit/offset ignored), streamed in chunks."""
+        ...
+
+    async def stats(self, account: uuid.UUID, instance: str | None) -> LeadStats: ...
+
+    async def create_lead(self, row: LeadRow) -> LeadRow: ...
+
+    async def update_lead(
+        self, account: uuid.UUID, lead_id: uuid.UUID, changes: dict[str, Any]
+    ) -> LeadRow | None:
+        """Set `changes` (column -> value), add their names to manual_fields."""
+        ...
+
+    async def delete_lead(self, account: uuid.UUID, lead_id: uuid.UUID) -> bool: ...
+
+    # instance <-> account mapping
+    async def instance_account(self, instance: str) -> uuid.UUID | None: ...
+
+    async def add_instance(self, instance: str, account: uuid.UUID) -> InstanceMapping: ...
+
+    async def list_instances(self) -> list[InstanceMapping]: ...
+
+    async def remove_instance(self, instance: str) -> bool: ...

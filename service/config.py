@@ -44,6 +44,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # Number of contact shards (one single-active-consumer queue each). Changing it
     # re-routes contacts: drain the queues first.
     queue_shards: int = 8
+    # Shards this process consumes ("" = all; e.g. "0-3,6"). Each shard queue has a single
+    # active consumer, so overlapping assignments stay safe (the others are standbys).
+    consumer_shards: str = ""
+    # Unacknowledged deliveries a consumer may hold (debounced events wait unacked).
+    consumer_prefetch: int = 256
+    # Longest a busy contact's events may wait for a quiet moment before analysis anyway.
+    debounce_max_seconds: float = 60.0
     # Optional: also consume Evolution's own RabbitMQ exchange (topic, routing key = event).
     evolution_amqp_exchange: str | None = None
     # Delivery attempts of an event before it goes to the dead-letter queue.
@@ -84,6 +91,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         _check_range("MAX_DIALOG_CHARS", self.max_dialog_chars, 200, 10_000_000)
         _check_range("QUEUE_SHARDS", self.queue_shards, 1, 1024)
         _check_range("MAX_ATTEMPTS", self.max_attempts, 1, 100)
+        _check_range("CONSUMER_PREFETCH", self.consumer_prefetch, 1, 65535)
+        try:
+            self.consumer_shard_list()
+        except ValueError as exc:
+            raise ConfigError(
+                f"CONSUMER_SHARDS must list shard numbers below QUEUE_SHARDS, e.g. 0-3,6 ({exc})"
+            ) from None
         _check_range("OPENAI_MAX_RETRIES", self.openai_max_retries, 0, 20)
         _check_range("WEBHOOK_MAX_BODY_BYTES", self.webhook_max_body_bytes, 1024, 2**31)
         if not 0 <= self.debounce_seconds <= 3600:
@@ -140,6 +154,18 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         if not delays or any(d <= 0 for d in delays):
             raise ValueError("bad retry delays")
         return delays
+
+    def consumer_shard_list(self) -> list[int]:
+        if not self.consumer_shards.strip():
+            return list(range(self.queue_shards))
+        shards: set[int] = set()
+        for part in self.consumer_shards.split(","):
+            low, _, high = part.strip().partition("-")
+            first, last = int(low), int(high or low)
+            if not 0 <= first <= last < self.queue_shards:
+                raise ValueError(f"{part.strip()!r} is out of range")
+            shards.update(range(first, last + 1))
+        return sorted(shards)
 
     def webhook_auth_configured(self) -> bool:
         return bool(self.webhook_token or self.webhook_jwt_secret)

@@ -1,0 +1,353 @@
+"""The one analysis pipeline: dialog → facts → score → upsert.
+
+The consumer, the backfill command and `POST /dialogs/analyze` all call
+`Pipeline.analyze_contact`; nothing else analyses.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Literal, Protocol
+
+import msgspec
+from loguru import logger
+
+from service.analyzers.base import AnalysisResult, Analyzer
+from service.config import Settings
+from service.domain.dialog import Contact, ContactSummary, Dialog, DialogMessage, merge_messages
+from service.domain.facts import LeadFacts, empty_facts
+from service.domain.scoring import Score, derive, interest_for, score
+from service.logs import contact_hash
+from service.metrics import Metrics
+from service.stores.base import AnalysisWrite, ResultsStore, StoredState
+
+Outcome = Literal["analyzed", "new_lead", "unchanged", "stale", "no_messages"]
+
+# Fact columns a person can override by hand (see stores.base.MANUAL_COLUMNS).
+_FACT_FIELDS = frozenset(f.name for f in msgspec.structs.fields(LeadFacts))
+
+
+class DialogSource(Protocol):
+    async def dialog(self, instance: str, phone: str, *, limit: int) -> Dialog | None: ...
+
+
+class HotLead(msgspec.Struct, kw_only=True):
+    """Payload of the `lead.hot` event."""
+
+    account: uuid.UUID
+    instance: str
+    contact: str
+    contact_name: str | None
+    score: int
+    summary: str
+    lead_id: uuid.UUID | None
+
+
+class ContactOutcome(msgspec.Struct, kw_only=True):
+    outcome: Outcome
+    instance: str
+    phone: str
+    score: int | None = None
+    interest_level: str | None = None
+    analyzer: str | None = None
+    became_hot: bool = False
+    lead_id: uuid.UUID | None = None
+
+
+HotSink = Callable[[HotLead], Awaitable[None]]
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        reader: DialogSource,
+        store: ResultsStore,
+        analyzer: Analyzer,
+        metrics: Metrics,
+        on_hot: HotSink | None = None,
+    ) -> None:
+        self._settings = settings
+        self._reader = reader
+        self._store = store
+        self._analyzer = analyzer
+        self._metrics = metrics
+        self.on_hot = on_hot  # where `lead.hot` goes; set by the consumer
+
+    @property
+    def analyzer_name(self) -> str:
+        return self._analyzer.name
+
+    async def analyze_contact(
+        self,
+        instance: str,
+        phone: str,
+        account: uuid.UUID,
+        *,
+        extra_messages: Sequence[DialogMessage] = (),
+        contact_name: str | None = None,
+        summary: ContactSummary | None = None,
+        min_incoming: int | None = None,
+        force: bool = False,
+    ) -> ContactOutcome:
+        """Bring one contact's stored lead up to date with its dialog.
+
+        `extra_messages` are messages carried by events (merged: the DB may lag the
+        webhook). `summary`, from the reader's contact aggregate, lets an unchanged
+        contact be skipped without reading its dialog.
+        """
+        started = time.perf_counter()
+        threshold = self._settings.min_incoming if min_incoming is None else min_incoming
+        state = await self._store.get_state(account, instance, phone)
+
+        if (
+            not force
+            and summary is not None
+            and not extra_messages
+            and state is not None
+            and _is_current(state, summary.last_message_id, summary.incoming_count >= threshold)
+        ):
+            return self._done("unchanged", instance, phone, state=state)
+
+        dialog = await self._reader.dialog(
+            instance, phone, limit=self._settings.max_dialog_messages
+        )
+        if extra_messages:
+            base = dialog or _empty_dialog(instance, phone, contact_name)
+            dialog = merge_messages(base, list(extra_messages), self._settings.max_dialog_messages)
+        if dialog is None or not dialog.messages:
+            return self._done("no_messages", instance, phone)
+
+        enough = dialog.incoming_count >= threshold
+        if not force and state is not None and _is_current(state, dialog.last_message_id, enough):
+            return self._done("unchanged", instance, phone, state=state)
+
+        if not enough:
+            write = _new_lead_write(dialog, account)
+            result = await self._store.upsert_analysis(write)
+            outcome: Outcome = "new_lead" if result.applied else "stale"
+            return self._done(outcome, instance, phone, score=write.score, lead_id=result.id)
+
+        analysis = await self._analyzer.analyze(dialog)
+        facts = _apply_manual(analysis.facts, state)
+        lead_score = _final_score(facts, state)
+        write = _analysis_write(dialog, account, facts, lead_score, analysis)
+        result = await self._store.upsert_analysis(write)
+        self._record(analysis, lead_score, started)
+        if not result.applied:
+            logger.info(
+                "newer analysis already stored; this one dropped",
+                instance=instance,
+                contact_hash=contact_hash(phone),
+            )
+            return self._done("stale", instance, phone, analyzer=analysis.analyzer)
+
+        became_hot = result.interest_level == "hot" and result.previous_interest != "hot"
+        if became_hot and self.on_hot is not None:
+            await self.on_hot(
+                HotLead(
+                    account=account,
+                    instance=instance,
+                    contact=phone,
+                    contact_name=dialog.contact.name,
+                    score=lead_score.total,
+                    summary=facts.reasoning,
+                    lead_id=result.id,
+                )
+            )
+        return self._done(
+            "analyzed",
+            instance,
+            phone,
+            score=lead_score.total,
+            interest=lead_score.interest_level,
+            analyzer=analysis.analyzer,
+            became_hot=became_hot,
+            lead_id=result.id,
+        )
+
+    def _record(self, analysis: AnalysisResult, lead_score: Score, started: float) -> None:
+        m = self._metrics
+        m.analysis_seconds.observe(time.perf_counter() - started)
+        m.lead_score.observe(lead_score.total)
+        m.leads_by_interest.labels(lead_score.interest_level).inc()
+        if analysis.usage is not None:
+            m.llm_tokens.labels("prompt").inc(analysis.usage.prompt_tokens)
+            m.llm_tokens.labels("cached").inc(analysis.usage.cached_tokens)
+            m.llm_tokens.labels("completion").inc(analysis.usage.completion_tokens)
+
+    def _done(
+        self,
+        outcome: Outcome,
+        instance: str,
+        phone: str,
+        *,
+        state: StoredState | None = None,
+        score: int | None = None,
+        interest: str | None = None,
+        analyzer: str | None = None,
+        became_hot: bool = False,
+        lead_id: uuid.UUID | None = None,
+    ) -> ContactOutcome:
+        label = analyzer or (self._analyzer.name if outcome == "analyzed" else "none")
+        self._metrics.analyses.labels(outcome, label).inc()
+        logger.debug("contact {}: {}", phone, outcome, instance=instance)
+        if state is not None:
+            interest = interest or state.interest_level
+            lead_id = lead_id or state.id
+        return ContactOutcome(
+            outcome=outcome,
+            instance=instance,
+            phone=phone,
+            score=score,
+            interest_level=interest if interest is not None else _interest(score),
+            analyzer=analyzer,
+            became_hot=became_hot,
+            lead_id=lead_id,
+        )
+
+
+def _interest(total: int | None) -> str | None:
+    return None if total is None else interest_for(total)
+
+
+def _is_current(state: StoredState, last_message_id: str | None, needs_analysis: bool) -> bool:
+    """The stored row already reflects this dialog (same newest message)."""
+    if last_message_id is None or state.last_message_id != last_message_id:
+        return False
+    # A row stored as new_lead must still be analysed once the contact crosses the
+    # threshold (the threshold may have been lowered since).
+    return not (needs_analysis and state.analyzer is None)
+
+
+def _empty_dialog(instance: str, phone: str, name: str | None) -> Dialog:
+    return Dialog(
+        instance=instance,
+        contact=Contact(phone=phone, remote_jid=f"{phone}@s.whatsapp.net", name=name),
+        messages=[],
+        incoming_count=0,
+        outgoing_count=0,
+        first_message_at=None,
+        last_message_at=None,
+    )
+
+
+def _apply_manual(facts: LeadFacts, state: StoredState | None) -> LeadFacts:
+    """Values set by hand win over the analyzer's (they are kept by the store too)."""
+    if state is None or not state.manual_values:
+        return facts
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in state.manual_values.items()
+        if k in _FACT_FIELDS and k in state.manual_fields
+    }
+    if not overrides:
+        return facts
+    try:
+        return msgspec.structs.replace(facts, **overrides)
+    except (TypeError, msgspec.ValidationError):  # pragma: no cover - store holds checked values
+        return facts
+
+
+def _final_score(facts: LeadFacts, state: StoredState | None) -> Score:
+    computed = score(facts)
+    if state is None or "score" not in state.manual_fields:
+        return computed
+    manual = state.manual_values.get("score")
+    if not isinstance(manual, int):
+        return computed
+    interest = state.manual_values.get("interest_level")
+    if "interest_level" not in state.manual_fields or interest not in ("hot", "warm", "cold"):
+        interest = interest_for(manual)
+    return Score(total=manual, interest_level=interest, breakdown=computed.breakdown)
+
+
+def _dialog_json(dialog: Dialog) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": m.id,
+            "from_me": m.from_me,
+            "timestamp": m.timestamp.isoformat(),
+            "text": m.text,
+            "type": m.type,
+        }
+        for m in dialog.messages
+    ]
+
+
+def _base_write(dialog: Dialog, account: uuid.UUID) -> dict[str, Any]:
+    return {
+        "instance_name": dialog.instance,
+        "user_account_id": account,
+        "contact_phone": dialog.contact.phone,
+        "contact_name": dialog.contact.name,
+        "remote_jid": dialog.contact.remote_jid,
+        "incoming_count": dialog.incoming_count,
+        "outgoing_count": dialog.outgoing_count,
+        "first_message": dialog.first_message_at,
+        "last_message": dialog.last_message_at,
+        "last_message_id": dialog.last_message_id,
+    }
+
+
+def _fact_columns(facts: LeadFacts, lead_score: Score) -> dict[str, Any]:
+    derived = derive(facts)
+    return {
+        "niche": facts.niche,
+        "business_type": facts.business_type,
+        "is_owner": facts.is_owner,
+        "has_sales_dept": facts.has_sales_dept,
+        "uses_ads_now": facts.uses_ads_now,
+        "ad_budget": facts.ad_budget,
+        "instagram_url": facts.instagram_url,
+        "funnel_stage": facts.funnel_stage,
+        "main_intent": facts.main_intent,
+        "objection": facts.objection,
+        "action": facts.action,
+        "next_message": facts.next_message,
+        "reasoning": facts.reasoning or None,
+        "is_medical": derived.is_medical,
+        "budget_stated": derived.budget_stated,
+        "has_booking": derived.has_booking,
+        "sent_instagram": derived.sent_instagram,
+        "qualification_complete": derived.qualification_complete,
+        "score": lead_score.total,
+        "interest_level": lead_score.interest_level,
+        "score_breakdown": [msgspec.to_builtins(line) for line in lead_score.breakdown],
+    }
+
+
+def _new_lead_write(dialog: Dialog, account: uuid.UUID) -> AnalysisWrite:
+    facts = empty_facts("new_lead")
+    return AnalysisWrite(
+        **_base_write(dialog, account),
+        **_fact_columns(facts, score(facts)),
+        analyzed=False,
+        messages=_dialog_json(dialog),
+        analyzer=None,
+        llm_usage=None,
+    )
+
+
+def _analysis_write(
+    dialog: Dialog,
+    account: uuid.UUID,
+    facts: LeadFacts,
+    lead_score: Score,
+    analysis: AnalysisResult,
+) -> AnalysisWrite:
+    usage = None
+    if analysis.usage is not None:
+        usage = msgspec.to_builtins(analysis.usage)
+        if analysis.model:
+            usage["model"] = analysis.model
+    return AnalysisWrite(
+        **_base_write(dialog, account),
+        **_fact_columns(facts, lead_score),
+        analyzed=True,
+        messages=_dialog_json(dialog),
+        analyzer=analysis.analyzer,
+        llm_usage=usage,
+    )

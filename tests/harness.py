@@ -1,0 +1,267 @@
+"""End-to-end harness: intake app + broker + consumer on the real services.
+
+Builds webhook bodies shaped like Evolution's, stores each message in the Evolution DB
+before posting its webhook (as Evolution does), and waits for rows to appear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aio_pika
+import asyncpg
+import msgspec
+from aiohttp.test_utils import TestClient, TestServer
+
+from service.app import app_context
+from service.config import Settings, load_settings
+from service.context import AppContext
+from service.stores.base import LeadRow
+
+WEBHOOK_TOKEN = "test-webhook-token"
+API_TOKEN = "test-api-token"
+INSTANCE = "clinic-sales"
+_ids = itertools.count(1)
+
+
+def make_settings(
+    *, evolution_dsn: str, results_dsn: str, amqp_url: str, prefix: str, **overrides: Any
+) -> Settings:
+    env = {
+        "EVOLUTION_DATABASE_URL": evolution_dsn,
+        "RESULTS_DATABASE_URL": results_dsn,
+        "AMQP_URL": amqp_url,
+        "AMQP_PREFIX": prefix,
+        "WEBHOOK_TOKEN": WEBHOOK_TOKEN,
+        "API_TOKEN": API_TOKEN,
+        "DEBOUNCE_SECONDS": "1",
+        "QUEUE_SHARDS": "2",
+        "RETRY_DELAYS": "0.3,0.6",
+        "MAX_ATTEMPTS": "3",
+        "ANALYZER": "rules",
+        "LOG_LEVEL": "WARNING",
+    }
+    env.update({k.upper(): str(v) for k, v in overrides.items()})
+    return load_settings(env, dotenv=None)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as environment variables, for a consumer subprocess."""
+    env = dict(os.environ)
+    for name, value in msgspec.structs.asdict(settings).items():
+        if value is None or value == "":
+            env.pop(name.upper(), None)
+        else:
+            env[name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+def message_body(
+    phone: str,
+    text: str,
+    *,
+    from_me: bool = False,
+    ts: int | None = None,
+    msg_id: str | None = None,
+    event: str = "messages.upsert",
+    instance: str = INSTANCE,
+    push_name: str = "Клиент",
+) -> dict[str, Any]:
+    return {
+        "event": event,
+        "instance": instance,
+        "destination": "http://crm/webhooks/evolution",
+        "date_time": "2026-10-03T09:14:06.512Z",
+        "sender": "77015550101@s.whatsapp.net",
+        "server_url": "https://evo.example.com",
+        "apikey": None,
+        "data": {
+            "key": {
+                "remoteJid": f"{phone}@s.whatsapp.net",
+                "fromMe": from_me,
+                "id": msg_id or f"3EB0{next(_ids):06d}{secrets.token_hex(4).upper()}",
+            },
+            "pushName": "Você" if from_me else push_name,
+            "status": "SERVER_ACK" if from_me else "DELIVERY_ACK",
+            "message": {"conversation": text},
+            "contextInfo": None,
+            "messageType": "conversation",
+            "messageTimestamp": ts or int(time.time()),
+            "instanceId": "inst-1",
+            "source": "android",
+        },
+    }
+
+
+class Harness:
+    """One service (intake + consumer) under test, on fresh databases and queues."""
+
+    def __init__(self, settings: Settings, ctx: AppContext, client: TestClient[Any, Any]):
+        self.settings = settings
+        self.ctx = ctx
+        self.client = client
+        self.consumer: Any = None
+
+    async def evolution_conn(self) -> asyncpg.Connection[Any]:
+        return await asyncpg.connect(self.settings.evolution_dsn())
+
+    async def send(self, body: dict[str, Any], *, store: bool = True) -> int:
+        """Store the message in the Evolution DB (unless told not to), then post it."""
+        if store:
+            from service.evolution.seed import insert_webhook_message
+
+            conn = await self.evolution_conn()
+            try:
+                await insert_webhook_message(conn, body)
+            finally:
+                await conn.close()
+        resp = await self.client.post(f"/webhooks/evolution?token={WEBHOOK_TOKEN}", json=body)
+        await resp.read()
+        return resp.status
+
+    async def row(self, phone: str, instance: str = INSTANCE) -> LeadRow | None:
+        conn = await asyncpg.connect(self.settings.results_database_url)
+        try:
+            record = await conn.fetchrow(
+                "SELECT id, user_account_id FROM dialog_analysis "
+                "WHERE instance_name = $1 AND contact_phone = $2",
+                instance,
+                phone,
+            )
+        finally:
+            await conn.close()
+        if record is None:
+            return None
+        return await self.ctx.require_store().get_lead(
+            record["user_account_id"], record["id"], include_messages=True
+        )
+
+    async def wait_for(
+        self, check: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "condition"
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await check():
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+    async def wait_row(
+        self, phone: str, predicate: Callable[[LeadRow], bool] = lambda r: True, timeout: float = 20
+    ) -> LeadRow:
+        found: list[LeadRow] = []
+
+        async def check() -> bool:
+            row = await self.row(phone)
+            if row is not None and predicate(row):
+                found.append(row)
+                return True
+            return False
+
+        await self.wait_for(check, timeout, f"row of {phone}")
+        return found[0]
+
+    async def wait_idle(self, timeout: float = 20.0) -> None:
+        """Queues drained and nothing buffered in the consumer."""
+
+        async def check() -> bool:
+            depth = await queue_depth(self.settings)
+            return depth == 0 and self.consumer is not None and await self.consumer.idle()
+
+        await self.wait_for(check, timeout, "consumer idle")
+
+
+async def queue_depth(settings: Settings, include_unacked: bool = True) -> int:
+    """Messages in the shard queues (ready + unacknowledged)."""
+    from service.broker.topology import Topology
+
+    topology = Topology(settings)
+    connection = await aio_pika.connect(settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        total = 0
+        for shard in range(settings.queue_shards):
+            queue = await channel.declare_queue(topology.shard_queue(shard), passive=True)
+            total += queue.declaration_result.message_count or 0
+        return total
+    finally:
+        await connection.close()
+
+
+async def delete_topology(settings: Settings) -> None:
+    """Remove every exchange and queue a test declared (prefix is unique per test)."""
+    from service.broker.topology import Topology
+
+    topology = Topology(settings)
+    connection = await aio_pika.connect(settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        for name in topology.all_queues():
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(name)
+        for name in topology.all_exchanges():
+            with contextlib.suppress(Exception):
+                await channel.exchange_delete(name)
+    finally:
+        await connection.close()
+
+
+async def map_instance(settings: Settings, account: uuid.UUID, instance: str = INSTANCE) -> None:
+    from service.stores.factory import open_store
+
+    store = await open_store(settings)
+    try:
+        await store.add_instance(instance, account)
+    finally:
+        await store.close()
+
+
+async def ensure_instance_row(settings: Settings, instance: str = INSTANCE) -> None:
+    conn = await asyncpg.connect(settings.evolution_dsn())
+    try:
+        await conn.execute(
+            'INSERT INTO "Instance" (id, name, "connectionStatus", "updatedAt") '
+            "VALUES ($1, $2, 'open', now()) ON CONFLICT DO NOTHING",
+            "inst-" + instance,
+            instance,
+        )
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def running_service(
+    settings: Settings, *, consume: bool = True, analyzer: Any = None
+) -> AsyncIterator[Harness]:
+    """Intake (aiohttp test server) + in-process consumer on the given settings."""
+    from consumers.contacts import ContactConsumer
+    from handlers.app import make_app
+
+    async with app_context(settings, publisher=True) as ctx:
+        if analyzer is not None:
+            ctx.analyzer = analyzer
+            from service.pipeline import Pipeline
+
+            assert ctx.reader is not None and ctx.store is not None
+            ctx.pipeline = Pipeline(settings, ctx.reader, ctx.store, analyzer, ctx.metrics)
+        server = TestServer(make_app(ctx))
+        client = TestClient(server)
+        await client.start_server()
+        harness = Harness(settings, ctx, client)
+        try:
+            if consume:
+                harness.consumer = ContactConsumer(ctx)
+                await harness.consumer.start()
+            yield harness
+        finally:
+            if harness.consumer is not None:
+                await harness.consumer.stop()
+            await client.close()

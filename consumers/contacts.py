@@ -414,10 +414,16 @@ def _push_name(events: list[QueuedEvent]) -> str | None:
 
 
 def _int(value: object) -> int:
-    try:
-        return int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
+    if isinstance(value, bool):
         return 0
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str | bytes):
+        try:
+            return int(value)
+        except ValueError:
+            return 0
+    return 0
 
 
 async def _ack(message: AbstractIncomingMessage) -> None:

@@ -14,17 +14,20 @@ def context(request: web.Request) -> AppContext:
 
 
 def make_app(ctx: AppContext) -> web.Application:
-    # Imported here so that building one part of the app never imports another's deps.
-    from handlers import health, webhooks
+    # Imported here so that importing `context` from a handler module stays cycle-free.
+    from handlers import dialogs, health, openapi, ready, webhooks
+    from handlers.errors import error_middleware
+    from handlers.rest_auth import make_auth_middleware
 
     app = web.Application(client_max_size=ctx.settings.webhook_max_body_bytes)
     app[CTX] = ctx
     health.setup(app)
-    webhooks.setup(app)
-    try:
-        from handlers import dialogs
-    except ImportError:  # pragma: no cover - REST module not present in every build stage
-        pass
-    else:
-        dialogs.setup(app)
+    webhooks.setup(app)  # adds the request-id middleware first (outermost)
+    # JSON errors around everything, then the bearer check (which skips /health and the
+    # webhooks, as they authenticate on their own).
+    app.middlewares.append(error_middleware)
+    app.middlewares.append(make_auth_middleware(ctx.settings))
+    dialogs.setup(app)
+    ready.setup(app)
+    openapi.setup(app, [ep for module in (dialogs, ready, health) for ep, _ in module.ROUTES])
     return app

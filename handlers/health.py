@@ -1,22 +1,107 @@
-"""/health (open, liveness), /ready (broker and both databases), /metrics (Prometheus)."""
+"""/health (open, liveness) and /metrics (Prometheus text; bearer token like the REST API)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+
 from aiohttp import web
+from loguru import logger
 
 from handlers.app import context
+from handlers.errors import json_response
+from service.config import Settings
 from service.metrics import CONTENT_TYPE_LATEST
+from service.rest_models import Endpoint, HealthResponse
+
+# The DLQ depth costs a broker round trip: refreshed at most this often, and bounded.
+DLQ_REFRESH_SECONDS = 15.0
+DLQ_TIMEOUT = 2.0
+
+
+@dataclass
+class _DlqProbe:
+    checked_at: float = float("-inf")
+
+
+DLQ_PROBE: web.AppKey[_DlqProbe] = web.AppKey("dlq_probe", _DlqProbe)
 
 
 async def health(_: web.Request) -> web.Response:
-    return web.json_response({"ok": True, "service": "crm-backend"})
+    return json_response(HealthResponse(ok=True, service="crm-backend"))
 
 
 async def metrics(request: web.Request) -> web.Response:
+    await _refresh_dlq_depth(request)
     body = context(request).metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def _refresh_dlq_depth(request: web.Request) -> None:
+    probe = request.app[DLQ_PROBE]
+    now = time.monotonic()
+    if now - probe.checked_at < DLQ_REFRESH_SECONDS:
+        return
+    probe.checked_at = now
+    ctx = context(request)
+    try:
+        async with asyncio.timeout(DLQ_TIMEOUT):
+            depth = await dead_queue_depth(ctx.settings)
+    except Exception as exc:  # a down broker must not break the metrics scrape
+        logger.debug("DLQ depth not refreshed: {}: {}", type(exc).__name__, exc)
+        return
+    ctx.metrics.dlq_depth.set(depth)
+
+
+async def dead_queue_depth(settings: Settings) -> int:
+    """Messages in the dead-letter queue (passive declare: nothing is created)."""
+    import aio_pika
+
+    from service.broker.topology import Topology
+
+    connection = await aio_pika.connect(settings.amqp_url, timeout=DLQ_TIMEOUT)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(Topology(settings).dead_queue, passive=True)
+        return int(queue.declaration_result.message_count or 0)
+    finally:
+        with contextlib.suppress(Exception):
+            await connection.close()
+
+
+ROUTES = (
+    (
+        Endpoint(
+            "GET",
+            "/health",
+            "Liveness (no token needed)",
+            response=HealthResponse,
+            errors=(),
+            auth=False,
+            tag="operations",
+        ),
+        health,
+    ),
+    (
+        Endpoint(
+            "GET",
+            "/metrics",
+            "Prometheus metrics",
+            media_type="text/plain",
+            errors=(401,),
+            tag="operations",
+            description="Prometheus text format: analyses by outcome and analyzer, analysis "
+            "duration and lead score histograms, leads by interest level, webhook events by "
+            "event and outcome, LLM tokens by kind, retries, dead letters and DLQ depth.",
+        ),
+        metrics,
+    ),
+)
+
+
 def setup(app: web.Application) -> None:
-    app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
+    app[DLQ_PROBE] = _DlqProbe()
+    for endpoint, handler in ROUTES:
+        app.router.add_route(endpoint.method, endpoint.path, handler)

@@ -12,7 +12,7 @@ import contextlib
 import signal
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     index.add_argument("--apply", action="store_true")
 
+    demo = sub.add_parser("demo", help="replay the sample dialogs through the whole service")
+    demo.add_argument("--speed", type=float, default=0.005, help="seconds between messages")
+
     return parser
 
 
@@ -132,9 +135,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as exc:
         _fail(f"configuration: {exc}")
     setup_logging(settings)
-    command: Callable[[Settings, argparse.Namespace], Awaitable[int]] = _COMMANDS[args.command]
+    command: Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]] = _COMMANDS[
+        args.command
+    ]
     try:
-        code = asyncio.run(command(settings, args))
+        code: int = asyncio.run(command(settings, args))
     except KeyboardInterrupt:
         code = 130
     except (UserError, ConfigError) as exc:
@@ -366,7 +371,14 @@ async def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     return await _serve_until_stopped(settings, consume=True, serve=True)
 
 
-_COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], Awaitable[int]]] = {
+async def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from service.demo import run_demo
+
+    await run_demo(settings, speed=max(0.0, args.speed))
+    return 0
+
+
+_COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "serve": _cmd_serve,
     "consume": _cmd_consume,
     "run": _cmd_run,
@@ -375,4 +387,5 @@ _COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], Awaitable[int]]] =
     "instances": _cmd_instances,
     "dlq": _cmd_dlq,
     "evolution-index": _cmd_index,
+    "demo": _cmd_demo,
 }

@@ -16,7 +16,6 @@ from service.analyzers.rules import RulesAnalyzer
 from service.config import Settings
 from service.domain.dialog import Dialog
 from tests.harness import (
-
     delete_topology,
     ensure_instance_row,
     make_settings,
@@ -131,7 +130,9 @@ async def test_threshold_then_booking_moves_stage(settings: Settings) -> None:
         assert row.funnel_stage == "new_lead" and row.analyzer is None
         assert analyzer.calls == []
 
-        await svc.send(message_body(phone, "Бюджет 300 тысяч рублей в месяц, готовы начать", ts=t0 + 120))
+        await svc.send(
+            message_body(phone, "Бюджет 300 тысяч рублей в месяц, готовы начать", ts=t0 + 120)
+        )
         row = await svc.wait_row(phone, lambda r: r.analyzer is not None)
         await svc.wait_idle()
         assert analyzer.calls == [phone]
@@ -158,7 +159,9 @@ async def test_event_merged_when_db_lags(settings: Settings) -> None:
     phone = "77010000003"
     t0 = int(time.time()) - 600
     async with running_service(settings, analyzer=analyzer) as svc:
-        await svc.send(message_body(phone, "Здравствуйте, клиника косметологии", ts=t0), store=False)
+        await svc.send(
+            message_body(phone, "Здравствуйте, клиника косметологии", ts=t0), store=False
+        )
         row = await svc.wait_row(phone)
         assert row.incoming_count == 1 and row.funnel_stage == "new_lead"
 
@@ -247,7 +250,9 @@ async def test_failing_analyzer_dead_letters_then_replay_completes(settings: Set
         await svc.wait_for(dead, timeout=30, what="dead letter")
         assert failing.calls == settings.max_attempts
         depth, letters = await list_dead(settings, 10)
-        assert depth == 1 and letters[0].events == 3 and letters[0].attempts == settings.max_attempts
+        assert (
+            depth == 1 and letters[0].events == 3 and letters[0].attempts == settings.max_attempts
+        )
         assert "overloaded" in (letters[0].error or "")
         row = await svc.row(phone)
         assert row is None or row.analyzer is None

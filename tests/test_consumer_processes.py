@@ -40,8 +40,17 @@ async def settings(
     )
     await ensure_instance_row(s)
     await map_instance(s, account)
+    await declare_topology(s)
     yield s
     await delete_topology(s)
+
+
+async def declare_topology(settings: Settings) -> None:
+    connection = await aio_pika.connect(settings.amqp_url)
+    try:
+        await Topology(settings).declare(await connection.channel())
+    finally:
+        await connection.close()
 
 
 def start_consumer(settings: Settings, **overrides: str) -> subprocess.Popen[bytes]:
@@ -97,9 +106,7 @@ async def test_sigkilled_consumer_loses_nothing(settings: Settings) -> None:
     # The doomed consumer waits long for quiet, so it holds every event unacknowledged.
     doomed = start_consumer(settings, debounce_seconds=60.0)
     try:
-        await wait_until(
-            lambda: _has_consumers(settings, settings.queue_shards), 30, "consumer up"
-        )
+        await wait_until(lambda: _has_consumers(settings, settings.queue_shards), 30, "consumer up")
         async with running_service(settings, consume=False) as svc:
             for round_, text in enumerate(["Здравствуйте, клиника", "Я владелец", "Бюджет 300к"]):
                 for i, phone in enumerate(phones):
@@ -118,7 +125,9 @@ async def test_sigkilled_consumer_loses_nothing(settings: Settings) -> None:
         analyzer = CountingAnalyzer()
         async with running_service(settings, analyzer=analyzer) as svc:
             for phone in phones:
-                row = await svc.wait_row(phone, lambda r: r.incoming_count == 3 and r.analyzer is not None)
+                row = await svc.wait_row(
+                    phone, lambda r: r.incoming_count == 3 and r.analyzer is not None
+                )
                 assert row.funnel_stage != "new_lead"
             await svc.wait_idle()
             assert sorted(analyzer.calls) == sorted(phones)
@@ -174,7 +183,9 @@ async def test_broker_restart_503_then_resume(settings: Settings) -> None:
         await svc.wait_row(phone)
         _rabbitmqctl("stop_app")
         try:
-            status = await svc.send(message_body(phone, "Я владелец клиники", ts=t0 + 60))
+            status = await svc.send(
+                message_body(phone, "Я владелец клиники", ts=t0 + 60, msg_id="RETRYSAME01")
+            )
             assert status == 503
         finally:
             _rabbitmqctl("start_app")
@@ -211,9 +222,14 @@ async def test_two_consumer_processes_storm(settings: Settings) -> None:
             "queue_shards": 4,
         }
         s = msgspec.structs.replace(settings, **overrides)  # type: ignore[arg-type]
+        await declare_topology(s)
         procs = [start_consumer(s) for _ in range(2)]
         try:
-            await wait_until(lambda: _has_consumers(s, 2 * s.queue_shards), 30, "2 consumers up")
+            # Declare-ok counts only the active consumer of a single-active-consumer queue;
+            # give the second process a moment to register as well.
+            await wait_until(lambda: _has_consumers(s, s.queue_shards), 30, "consumers up")
+            await asyncio.sleep(3)
+            assert all(proc.poll() is None for proc in procs)
             async with running_service(s, consume=False) as svc:
                 bodies = []
                 newest: dict[str, str] = {}
@@ -221,7 +237,7 @@ async def test_two_consumer_processes_storm(settings: Settings) -> None:
                     for i, phone in enumerate(phones):
                         body = message_body(
                             phone,
-                            f"Сообщение {round_} с номера {phone}: у нас клиника, я владелец, бюджет 300к",
+                            f"Сообщение {round_}, номер {phone}: клиника, я владелец, бюджет 300к",
                             ts=t0 + round_ * 100 + i,
                         )
                         bodies.append(body)
@@ -232,7 +248,9 @@ async def test_two_consumer_processes_storm(settings: Settings) -> None:
                 for phone in phones:
                     row = await svc.wait_row(
                         phone,
-                        lambda r, p=phone: r.last_message_id == newest[p] and r.analyzer is not None,
+                        lambda r, p=phone: (
+                            r.last_message_id == newest[p] and r.analyzer is not None
+                        ),
                         timeout=60,
                     )
                     assert row.incoming_count == 4

@@ -12,7 +12,7 @@ both stores call, so they cannot drift apart.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
@@ -42,6 +42,18 @@ MANUAL_COLUMNS: tuple[str, ...] = (
     "action",
     "notes",
     "score",
+)
+
+# Columns recomputed from the facts after a change by hand (`update_lead(derived=...)`).
+DERIVED_COLUMNS: tuple[str, ...] = (
+    "score",
+    "interest_level",
+    "score_breakdown",
+    "is_medical",
+    "budget_stated",
+    "has_booking",
+    "sent_instagram",
+    "qualification_complete",
 )
 
 
@@ -204,6 +216,10 @@ class DuplicateLeadError(Exception):
     """A lead for (instance, phone) exists already."""
 
 
+class InstanceOwnedError(Exception):
+    """The instance is mapped to another user account already."""
+
+
 class StoreUnavailableError(Exception):
     """The results store cannot be reached (transient: retry later)."""
 
@@ -238,9 +254,18 @@ class ResultsStore(Protocol):
     async def create_lead(self, row: LeadRow) -> LeadRow: ...
 
     async def update_lead(
-        self, account: uuid.UUID, lead_id: uuid.UUID, changes: dict[str, Any]
+        self,
+        account: uuid.UUID,
+        lead_id: uuid.UUID,
+        changes: dict[str, Any],
+        derived: dict[str, Any] | None = None,
     ) -> LeadRow | None:
-        """Set `changes` (column -> value), add their names to manual_fields."""
+        """Set `changes` (column -> value), add their names to manual_fields.
+
+        `derived` columns (score, interest level, breakdown… recomputed from the changed
+        facts) are set in the same write but NOT marked manual, so later analyses still
+        recompute them.
+        """
         ...
 
     async def delete_lead(self, account: uuid.UUID, lead_id: uuid.UUID) -> bool: ...
@@ -253,3 +278,76 @@ class ResultsStore(Protocol):
     async def list_instances(self) -> list[InstanceMapping]: ...
 
     async def remove_instance(self, instance: str) -> bool: ...
+
+
+# -- helpers shared by the store implementations -----------------------------------------
+
+LEAD_COLUMNS: tuple[str, ...] = tuple(f.name for f in msgspec.structs.fields(LeadRow))
+# What the pipeline reads before analysing: StoredState plus the manual columns' values.
+STATE_COLUMNS: tuple[str, ...] = (
+    "id",
+    "last_message",
+    "last_message_id",
+    "analyzed_at",
+    "analyzer",
+    "manual_fields",
+    *MANUAL_COLUMNS,
+)
+
+
+def lead_columns(include_messages: bool) -> tuple[str, ...]:
+    """The columns of a LeadRow read back; `messages` (large) only when asked for."""
+    return LEAD_COLUMNS if include_messages else tuple(c for c in LEAD_COLUMNS if c != "messages")
+
+
+def lead_from_record(record: Mapping[str, Any]) -> LeadRow:
+    """A row as either store returns it (asyncpg record or PostgREST JSON) as a LeadRow."""
+    return msgspec.convert(dict(record), LeadRow)
+
+
+def state_from_record(record: Mapping[str, Any]) -> StoredState:
+    """StoredState from a row holding STATE_COLUMNS."""
+    manual = [name for name in record["manual_fields"] or () if name in MANUAL_COLUMNS]
+    return msgspec.convert(
+        {
+            "id": record["id"],
+            "last_message": record["last_message"],
+            "last_message_id": record["last_message_id"],
+            "analyzed_at": record["analyzed_at"],
+            "analyzer": record["analyzer"],
+            "funnel_stage": record["funnel_stage"],
+            "interest_level": record["interest_level"],
+            "manual_fields": manual,
+            "manual_values": {name: record[name] for name in manual},
+        },
+        StoredState,
+    )
+
+
+def check_changes(changes: Mapping[str, Any], derived: Mapping[str, Any] | None) -> None:
+    """Refuse columns a person may not set (ValueError names the first one)."""
+    for name in changes:
+        if name not in MANUAL_COLUMNS:
+            raise ValueError(f"column {name} cannot be changed by hand")
+    for name in derived or {}:
+        if name not in DERIVED_COLUMNS:
+            raise ValueError(f"column {name} is not derived from the facts")
+
+
+def creation_values(row: LeadRow) -> dict[str, Any]:
+    """Column values (JSON-ready) of a lead created by hand: `source` is 'manual'.
+
+    The caller lists in `row.manual_fields` the columns the person gave; they are kept
+    (deduplicated, manual columns only) and survive later analyses. created_at and
+    updated_at are the database's.
+    """
+    values: dict[str, Any] = msgspec.to_builtins(row)
+    for name in ("created_at", "updated_at"):
+        values.pop(name, None)
+    values["source"] = "manual"
+    values["manual_fields"] = list(
+        dict.fromkeys(name for name in row.manual_fields if name in MANUAL_COLUMNS)
+    )
+    if values.get("next_message") is None:
+        values["next_message"] = ""  # NOT NULL in the original's table
+    return values

@@ -1,0 +1,71 @@
+"""Run the benchmarks: every `bench/*.py` module's `main()` in turn, or the named ones.
+
+    python -m bench                      # all of them
+    python -m bench evolution_reader     # one (several names may be given)
+    python -m bench intake -- --duration 5   # arguments after `--` go to the module(s)
+
+Exit status: 0 when every benchmark returned 0 (or None), else the first failure's status.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).parent
+
+
+def discover() -> list[str]:
+    """Names of the benchmark modules (every module of this package but this runner)."""
+    return sorted(
+        info.name
+        for info in pkgutil.iter_modules([str(HERE)])
+        if not info.ispkg and not info.name.startswith("_")
+    )
+
+
+def run_one(name: str, argv: list[str]) -> int:
+    module = importlib.import_module(f"bench.{name}")
+    entry: Callable[..., Any] | None = getattr(module, "main", None)
+    if entry is None:
+        print(f"bench {name}: no main() — skipped", file=sys.stderr)
+        return 0
+    # Benchmarks that take an argv get only the arguments meant for them, never the
+    # runner's own command line.
+    takes_argv = bool(inspect.signature(entry).parameters)
+    result = entry(argv) if takes_argv else entry()
+    return int(result or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if "--" in args:
+        cut = args.index("--")
+        args, passthrough = args[:cut], args[cut + 1 :]
+    available = discover()
+    unknown = [name for name in args if name not in available]
+    if unknown:
+        print(
+            f"unknown benchmark(s): {', '.join(unknown)}; available: {', '.join(available)}",
+            file=sys.stderr,
+        )
+        return 2
+    status = 0
+    for name in args or available:
+        print(f"=== bench {name}", flush=True)
+        started = time.monotonic()
+        code = run_one(name, passthrough)
+        print(f"=== bench {name}: exit {code} in {time.monotonic() - started:.1f} s", flush=True)
+        status = status or code
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""REST `/dialogs/...`: the original service's paths, parameters and response shapes.
+
+Handlers only translate HTTP into calls of the results store, the manual-edit rules
+(`service.lead_edits`) and the backfill runner; every read and write is scoped to the
+account given. Routes and `/openapi.json` are both built from `ROUTES`.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+
+from aiohttp import web
+from loguru import logger
+
+from handlers.app import context
+from handlers.errors import ApiError, decode_body, json_response, parse_query, path_uuid
+from service.backfill import BackfillOptions, run_backfill
+from service.csv_export import csv_chunks
+from service.lead_edits import (
+    PHONE_MAX_DIGITS,
+    PHONE_MIN_DIGITS,
+    new_manual_lead,
+    normalized_phone,
+    patch_update,
+)
+from service.rest_models import (
+    AccountParams,
+    AnalysisListParams,
+    AnalysisListResponse,
+    AnalyzeBody,
+    AnalyzeResponse,
+    AnalyzeStats,
+    DeleteResponse,
+    Endpoint,
+    ExportParams,
+    LeadCreateBody,
+    LeadPatchBody,
+    LeadResponse,
+    StatsParams,
+    StatsResponse,
+    lead_out,
+)
+from service.stores.base import DuplicateLeadError, LeadRow, ResultsStore
+
+RouteHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+EXPORT_CHUNK_ROWS = 500
+_FILENAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _store(request: web.Request) -> ResultsStore:
+    return context(request).require_store()
+
+
+async def _require_instance(store: ResultsStore, instance: str, account: uuid.UUID) -> None:
+    """404 unless `instance` is mapped to `account` (another account's looks absent too)."""
+    if await store.instance_account(instance) != account:
+        raise ApiError(
+            404,
+            f"instance {instance} not found for this account",
+            {"field": "instanceName"},
+        )
+
+
+async def list_analysis(request: web.Request) -> web.Response:
+    params = parse_query(request, AnalysisListParams)
+    rows, count = await _store(request).query_leads(params.lead_query())
+    return json_response(
+        AnalysisListResponse(success=True, results=[lead_out(r) for r in rows], count=count)
+    )
+
+
+async def stats(request: web.Request) -> web.Response:
+    params = parse_query(request, StatsParams)
+    result = await _store(request).stats(params.user_account_id, params.instance_name)
+    return json_response(StatsResponse(success=True, stats=result))
+
+
+async def export_csv(request: web.Request) -> web.StreamResponse:
+    params = parse_query(request, ExportParams)
+    rows = _store(request).iter_leads(params.to_query(), chunk_size=1000).__aiter__()
+    # The first row is fetched before the response starts, so an unreachable store is
+    # still a 503 and not a truncated file.
+    try:
+        first: LeadRow | None = await rows.__anext__()
+    except StopAsyncIteration:
+        first = None
+
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/csv; charset=utf-8",
+            "Content-Disposition": f'attachment; filename="{_filename(params.instance_name)}"',
+            "Cache-Control": "no-store",
+        }
+    )
+    await response.prepare(request)
+    written = 0
+    try:
+        async for chunk in csv_chunks(_chain(first, rows), EXPORT_CHUNK_ROWS):
+            await response.write(chunk)
+            written += 1
+    except ConnectionResetError:
+        logger.info("CSV export stopped: the client went away after {} chunks", written)
+        return response
+    except Exception as exc:
+        # Headers are sent: no error status is possible any more. Dropping the connection
+        # before the final chunk makes the client see a failed download, not a short file.
+        logger.warning(
+            "CSV export failed after {} chunks: {}: {}", written, type(exc).__name__, exc
+        )
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    await response.write_eof()
+    logger.debug("CSV export sent in {} chunks", written)
+    return response
+
+
+async def _chain(first: LeadRow | None, rest: AsyncIterator[LeadRow]) -> AsyncIterator[LeadRow]:
+    if first is None:
+        return
+    yield first
+    async for row in rest:
+        yield row
+
+
+def _filename(instance: str | None) -> str:
+    name = _FILENAME_UNSAFE.sub("_", instance or "all").strip("._") or "instance"
+    return f"leads-{name[:60]}-{datetime.now(UTC):%Y%m%d}.csv"
+
+
+async def create_lead(request: web.Request) -> web.Response:
+    body = await decode_body(request, LeadCreateBody)
+    phone = normalized_phone(body.phone)
+    if phone is None:
+        expected = f"a phone number with {PHONE_MIN_DIGITS} to {PHONE_MAX_DIGITS} digits"
+        raise ApiError(400, f"field phone must be {expected}", {"field": "phone"})
+    store = _store(request)
+    await _require_instance(store, body.instance_name, body.user_account_id)
+    row = new_manual_lead(body, phone, datetime.now(UTC))
+    try:
+        created = await store.create_lead(row)
+    except DuplicateLeadError:
+        raise ApiError(
+            409,
+            f"a lead for this phone exists already on instance {body.instance_name}",
+            {"field": "phone"},
+        ) from None
+    logger.info("lead {} created by hand", created.id, instance=body.instance_name)
+    return json_response(LeadResponse(success=True, lead=lead_out(created)), status=201)
+
+
+async def patch_lead(request: web.Request) -> web.Response:
+    lead_id = path_uuid(request)
+    body = await decode_body(request, LeadPatchBody)
+    changes = body.changes()
+    if not changes:
+        raise ApiError(400, "nothing to change: give at least one field besides userAccountId")
+    store = _store(request)
+    row = await store.get_lead(body.user_account_id, lead_id)
+    if row is None:
+        raise ApiError(404, "lead not found for this account", {"field": "id"})
+    updated = await store.update_lead(
+        body.user_account_id, lead_id, changes, derived=patch_update(row, changes)
+    )
+    if updated is None:  # deleted in between
+        raise ApiError(404, "lead not found for this account", {"field": "id"})
+    logger.info("lead {} edited: {}", lead_id, ", ".join(sorted(changes)))
+    return json_response(LeadResponse(success=True, lead=lead_out(updated)))
+
+
+async def delete_analysis(request: web.Request) -> web.Response:
+    lead_id = path_uuid(request)
+    params = parse_query(request, AccountParams)
+    if not await _store(request).delete_lead(params.user_account_id, lead_id):
+        raise ApiError(404, "lead not found for this account", {"field": "id"})
+    logger.info("lead {} deleted", lead_id)
+    return json_response(DeleteResponse(success=True, id=lead_id))
+
+
+async def analyze(request: web.Request) -> web.Response:
+    body = await decode_body(request, AnalyzeBody)
+    ctx = context(request)
+    store = ctx.require_store()
+    await _require_instance(store, body.instance_name, body.user_account_id)
+    if ctx.pipeline is None or ctx.reader is None:
+        raise ApiError(503, "analysis is not available in this process")
+    options = BackfillOptions(
+        instance=body.instance_name,
+        account=body.user_account_id,
+        min_incoming=body.min_incoming,
+        max_contacts=body.max_contacts,
+        max_dialogs=body.max_dialogs,
+        concurrency=ctx.settings.analysis_concurrency,
+    )
+    result = await run_backfill(ctx.pipeline, ctx.reader, options)
+    logger.info(
+        "analysis of an instance done: {} contacts, {} analysed, {} errors",
+        result.total,
+        result.analyzed,
+        result.errors,
+        instance=body.instance_name,
+    )
+    out = AnalyzeStats(
+        total=result.total,
+        analyzed=result.analyzed,
+        new_leads=result.new_leads,
+        hot=result.hot,
+        warm=result.warm,
+        cold=result.cold,
+        errors=result.errors,
+    )
+    return json_response(AnalyzeResponse(success=True, stats=out))
+
+
+ROUTES: tuple[tuple[Endpoint, RouteHandler], ...] = (
+    (
+        Endpoint(
+            "POST",
+            "/dialogs/analyze",
+            "Analyse an instance's dialogs now",
+            body=AnalyzeBody,
+            response=AnalyzeResponse,
+            errors=(400, 401, 404, 503),
+            description="Runs the analysis pipeline over the instance's contacts with the "
+            "body's limits (contacts unchanged since their stored analysis are skipped) and "
+            "answers when done. The instance must belong to the account, else 404.",
+        ),
+        analyze,
+    ),
+    (
+        Endpoint(
+            "GET",
+            "/dialogs/analysis",
+            "List leads",
+            query=AnalysisListParams,
+            response=AnalysisListResponse,
+            description="Sorted by score, then last message (newest first). `count` is the "
+            "number of all matching rows; page with `limit` and `offset`.",
+        ),
+        list_analysis,
+    ),
+    (
+        Endpoint(
+            "GET",
+            "/dialogs/stats",
+            "Lead statistics of an account",
+            query=StatsParams,
+            response=StatsResponse,
+        ),
+        stats,
+    ),
+    (
+        Endpoint(
+            "GET",
+            "/dialogs/export-csv",
+            "Export leads as CSV",
+            query=ExportParams,
+            media_type="text/csv",
+            description="UTF-8 with BOM, streamed; every list filter applies. The original's "
+            "17 columns first, then niche, score_breakdown and more. Cells starting with "
+            "= + - @, tab or CR are prefixed with ' (formula injection). No match: header only.",
+        ),
+        export_csv,
+    ),
+    (
+        Endpoint(
+            "POST",
+            "/dialogs/leads",
+            "Create a lead by hand",
+            body=LeadCreateBody,
+            response=LeadResponse,
+            status=201,
+            errors=(400, 401, 404, 409),
+            description="`source` is manual; the score is computed from the given facts; "
+            "given fields join `manual_fields` (automatic analyses keep them). 409 when the "
+            "instance has a lead for this phone; 404 unless the instance is the account's.",
+        ),
+        create_lead,
+    ),
+    (
+        Endpoint(
+            "PATCH",
+            "/dialogs/leads/{id}",
+            "Edit a lead by hand",
+            body=LeadPatchBody,
+            response=LeadResponse,
+            errors=(400, 401, 404),
+            path_params=("id",),
+            description="Only given fields change (null clears one); they join "
+            "`manual_fields`, so later automatic analyses keep them. Score and interest "
+            "are recomputed from the facts unless given (or set by hand before).",
+        ),
+        patch_lead,
+    ),
+    (
+        Endpoint(
+            "DELETE",
+            "/dialogs/analysis/{id}",
+            "Delete a lead",
+            query=AccountParams,
+            response=DeleteResponse,
+            errors=(400, 401, 404),
+            path_params=("id",),
+        ),
+        delete_analysis,
+    ),
+)
+
+
+def setup(app: web.Application) -> None:
+    for endpoint, handler in ROUTES:
+        app.router.add_route(endpoint.method, endpoint.path, handler)

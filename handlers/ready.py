@@ -1,0 +1,92 @@
+"""GET /ready: can this process do its work? Broker, results DB and Evolution DB.
+
+200 when all three answer, else 503 naming what is down. The checks run concurrently,
+each bounded by a timeout, so a hung dependency cannot hang the probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from loguru import logger
+
+from handlers.app import context
+from handlers.errors import json_response
+from service.context import AppContext
+from service.rest_models import Endpoint, ReadyResponse
+
+CHECK_TIMEOUT = 3.0
+
+
+async def _broker(ctx: AppContext) -> str:
+    if ctx.publisher is None:
+        return "down: not configured in this process"
+    return "ok" if await ctx.publisher.ping() else "down: not connected"
+
+
+async def _results_db(ctx: AppContext) -> str:
+    if ctx.store is None:
+        return "down: not configured in this process"
+    await ctx.store.ping()
+    return "ok"
+
+
+async def _evolution_db(ctx: AppContext) -> str:
+    if ctx.reader is None:
+        return "down: not configured in this process"
+    await ctx.reader.ping()  # raises EvolutionUnavailableError when down
+    return "ok"
+
+
+CHECKS: dict[str, Callable[[AppContext], Awaitable[str]]] = {
+    "broker": _broker,
+    "results_db": _results_db,
+    "evolution_db": _evolution_db,
+}
+
+
+async def _run(name: str, check: Callable[[AppContext], Awaitable[str]], ctx: AppContext) -> str:
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT):
+            return await check(ctx)
+    except TimeoutError:
+        result = f"down: no answer within {CHECK_TIMEOUT:.0f}s"
+    except Exception as exc:
+        # Details (which may name hosts) go to the log; the probe says what kind of failure.
+        logger.warning("readiness check {} failed: {}: {}", name, type(exc).__name__, exc)
+        result = f"down: {type(exc).__name__}"
+    return result
+
+
+async def ready(request: web.Request) -> web.Response:
+    ctx = context(request)
+    results = await asyncio.gather(*(_run(name, check, ctx) for name, check in CHECKS.items()))
+    checks = dict(zip(CHECKS, results, strict=True))
+    down = [name for name, result in checks.items() if result != "ok"]
+    if down:
+        error = "not ready: " + ", ".join(down) + " down"
+        return json_response(ReadyResponse(ok=False, checks=checks, error=error), status=503)
+    return json_response(ReadyResponse(ok=True, checks=checks))
+
+
+ROUTES = (
+    (
+        Endpoint(
+            "GET",
+            "/ready",
+            "Readiness: broker and both databases",
+            response=ReadyResponse,
+            errors=(401, 503),
+            tag="operations",
+            description="503 with `checks` naming each dependency that is down.",
+        ),
+        ready,
+    ),
+)
+
+
+def setup(app: web.Application) -> None:
+    for endpoint, handler in ROUTES:
+        app.router.add_route(endpoint.method, endpoint.path, handler)

@@ -1,0 +1,138 @@
+"""POST /webhooks/evolution[/{event}]: authenticate, decode, publish (confirmed), answer.
+
+Status codes follow Evolution's retry rules: 200 only after RabbitMQ confirmed the events;
+400/401/413 for what a retry cannot fix; 503 (retried by Evolution) when the broker is
+unavailable. The request/response middleware here stamps a request id on every log line
+and logs requests at DEBUG only: aiohttp's own access log through loguru's JSON sink costs
+most of the server's throughput.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from loguru import logger
+
+from handlers.app import context
+from service.broker.publisher import BrokerUnavailableError
+from service.intake import Accepted, Ignored, event_label, normalize_event, parse_webhook
+from service.logs import contact_hash
+from service.webhook_auth import WebhookAuth, WebhookCredentials
+
+AUTH: web.AppKey[WebhookAuth] = web.AppKey("webhook_auth", WebhookAuth)
+
+_encoder = msgspec.json.Encoder()
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(status: int, payload: dict[str, Any]) -> web.Response:
+    return web.Response(
+        status=status, body=_encoder.encode(payload), content_type="application/json"
+    )
+
+
+def _credentials(request: web.Request) -> WebhookCredentials:
+    headers = request.headers
+    return WebhookCredentials(
+        query_token=request.query.get("token"),
+        header_token=headers.get("X-Webhook-Token"),
+        apikey=headers.get("apikey"),
+        authorization=headers.get("Authorization"),
+    )
+
+
+async def evolution_webhook(request: web.Request) -> web.Response:
+    ctx = context(request)
+    counter = ctx.metrics.webhook_events
+    path_event = request.match_info.get("event")
+    label = event_label(normalize_event(path_event)) if path_event else "unknown"
+
+    decision = request.app[AUTH].check(_credentials(request))
+    if not decision.ok:
+        counter.labels(label, "unauthorized").inc()
+        logger.info("webhook refused: {}", decision.reason)
+        return _json(401, {"ok": False, "error": decision.reason})
+
+    limit = ctx.settings.webhook_max_body_bytes
+    too_large = {"ok": False, "error": f"body larger than {limit} bytes"}
+    if request.content_length is not None and request.content_length > limit:
+        counter.labels(label, "too_large").inc()
+        logger.info("webhook refused: body of {} bytes over the limit", request.content_length)
+        return _json(413, too_large)
+    try:
+        body = await request.read()  # also enforces the limit on chunked bodies
+    except web.HTTPRequestEntityTooLarge:
+        counter.labels(label, "too_large").inc()
+        logger.info("webhook refused: chunked body over the limit")
+        return _json(413, too_large)
+
+    outcome = parse_webhook(body, path_event)
+    label = event_label(outcome.event)
+    if isinstance(outcome, Ignored):
+        counter.labels(label, "ignored").inc()
+        logger.debug("webhook ignored: {}", outcome.reason)
+        return _json(200, {"ok": True, "ignored": outcome.reason})
+    if not isinstance(outcome, Accepted):
+        counter.labels(label, "rejected").inc()
+        logger.info("webhook rejected: {}", outcome.reason)
+        return _json(400, {"ok": False, "error": outcome.reason})
+
+    try:
+        await ctx.require_publisher().publish(outcome.events)
+    except BrokerUnavailableError as exc:
+        # The publisher logs the outage once; per-request detail only at DEBUG.
+        counter.labels(label, "unavailable").inc()
+        logger.debug("webhook not queued: {}", exc)
+        return _json(503, {"ok": False, "error": "queue unavailable, retry later"})
+    counter.labels(label, "queued").inc()
+    first = outcome.events[0]
+    logger.debug(
+        "queued {} event(s)",
+        len(outcome.events),
+        instance=outcome.instance,
+        contact_hash=contact_hash(first.contact_key.split("@", 1)[0]),
+    )
+    return _json(200, {"ok": True, "queued": len(outcome.events)})
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Request id on every log line of the request; one DEBUG line per request."""
+    given = request.headers.get("X-Request-Id", "")
+    request_id = given if _REQUEST_ID.fullmatch(given) else secrets.token_hex(8)
+    started = time.perf_counter()
+    status = 500
+    with logger.contextualize(request_id=request_id):
+        try:
+            response = await handler(request)
+            status = response.status
+            response.headers["X-Request-Id"] = request_id
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            # The path only: the query string may carry the webhook token.
+            logger.debug(
+                "{} {} {} {:.1f}ms",
+                request.method,
+                request.path,
+                status,
+                (time.perf_counter() - started) * 1000,
+            )
+
+
+def setup(app: web.Application) -> None:
+    from handlers.app import CTX
+
+    app[AUTH] = WebhookAuth.from_settings(app[CTX].settings)
+    app.middlewares.append(request_context)
+    app.router.add_post("/webhooks/evolution", evolution_webhook)
+    app.router.add_post("/webhooks/evolution/{event}", evolution_webhook)

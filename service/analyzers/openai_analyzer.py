@@ -1,0 +1,288 @@
+"""Lead facts from an OpenAI (or OpenAI-compatible) Chat Completions model.
+
+Retries are ours, not the client's: rate limits, 5xx, timeouts and connection errors are
+retried with capped, jittered exponential backoff that honours `Retry-After`, at most
+`OPENAI_MAX_RETRIES` times, then `AnalyzerUnavailableError` hands the contact back to the
+consumer's own delayed retry. A bad key or unknown model is `AnalyzerConfigError` at once.
+An answer that is not valid facts (bad JSON, schema violation, refusal) is asked for once
+more, then the rules extractor supplies the facts ("rules-fallback").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import re
+import time
+from typing import TYPE_CHECKING, Protocol
+
+import msgspec
+from loguru import logger
+from openai import APIConnectionError, APIStatusError, APITimeoutError, AsyncOpenAI
+
+from service.analyzers.base import (
+    AnalysisResult,
+    AnalyzerConfigError,
+    AnalyzerUnavailableError,
+    TokenUsage,
+)
+from service.analyzers.prompt import build_prompt
+from service.analyzers.schema import response_format
+from service.config import Settings
+from service.domain.dialog import Dialog
+from service.domain.facts import LeadFacts
+from service.logs import contact_hash
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from loguru import Logger
+    from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# Answers worth another try: request timeout, conflict, rate limit; 5xx are added below.
+_RETRY_STATUS = frozenset({408, 409, 429})
+# Request-specific rejections: this dialog cannot be analysed by the model, others can.
+_DIALOG_REJECTED = frozenset(
+    {"context_length_exceeded", "invalid_prompt", "string_above_max_length"}
+)
+_ERROR_PATH = re.compile(r"at `(\$[^`]*)`")
+
+
+class FactsExtractor(Protocol):
+    """Synchronous facts extraction without a model (the rules analyzer)."""
+
+    def extract(self, dialog: Dialog) -> LeadFacts: ...
+
+
+class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """Backoff between retried calls (the number of retries is OPENAI_MAX_RETRIES)."""
+
+    base: float = 0.5  # first backoff, seconds; doubles per retry
+    cap: float = 20.0  # longest backoff
+    # Longest wait a server's Retry-After may ask for: beyond it the analysis gives up
+    # now, and the consumer retries later instead of holding a slot.
+    max_wait: float = 60.0
+
+    def backoff(self, retry: int, rng: random.Random) -> float:
+        """Wait before retry number `retry` (0-based): half fixed, half random."""
+        ceiling = min(self.cap, self.base * 2.0**retry)
+        return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+class _Transient(Exception):
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class _UnusableAnswer(Exception):
+    """The model answered, but not with valid facts."""
+
+
+class _DialogRejected(Exception):
+    """The API refused this particular dialog (too long, flagged)."""
+
+
+class OpenAIAnalyzer:
+    name = "openai"
+
+    def __init__(
+        self,
+        settings: Settings,
+        fallback: FactsExtractor,
+        *,
+        retry: RetryPolicy | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not settings.openai_api_key:
+            raise AnalyzerConfigError("OPENAI_API_KEY is not set: the OpenAI analyzer needs it")
+        self._settings = settings
+        self._model = settings.openai_model
+        self._fallback = fallback
+        self._retry = retry or RetryPolicy()
+        self._rng = rng or random.Random()
+        self._max_retries = settings.openai_max_retries
+        self._base_url = settings.openai_base_url or DEFAULT_BASE_URL
+        self._response_format = response_format()
+        # The client's own retries are off (ours honour Retry-After and report
+        # exhaustion as AnalyzerUnavailableError); its 600 s default timeout is replaced.
+        self._client = AsyncOpenAI(
+            api_key=settings.openai_api_key,
+            base_url=self._base_url,
+            timeout=settings.openai_timeout,
+            max_retries=0,
+        )
+
+    async def analyze(self, dialog: Dialog) -> AnalysisResult:
+        log = logger.bind(instance=dialog.instance, contact_hash=contact_hash(dialog.contact.phone))
+        prompt = build_prompt(dialog, self._settings)
+        messages: list[ChatCompletionMessageParam] = [
+            {"role": "system", "content": prompt.system},
+            {"role": "user", "content": prompt.user},
+        ]
+        usage = TokenUsage()
+        model = self._model
+        for attempt in (1, 2):
+            try:
+                completion = await self._complete(messages, usage, log)
+            except _DialogRejected as exc:
+                log.warning("OpenAI rejected this dialog ({}); using the rules facts", exc)
+                break
+            model = completion.model or model
+            try:
+                facts = decode_answer(completion)
+            except _UnusableAnswer as exc:
+                log.warning("unusable OpenAI answer on attempt {}: {}", attempt, exc)
+                continue
+            return AnalysisResult(facts=facts, analyzer="openai", model=model, usage=usage)
+        else:
+            log.warning("OpenAI answer unusable twice; using the rules facts")
+        facts = self._fallback.extract(dialog)
+        return AnalysisResult(facts=facts, analyzer="rules-fallback", model=model, usage=usage)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def _complete(
+        self, messages: list[ChatCompletionMessageParam], usage: TokenUsage, log: Logger
+    ) -> ChatCompletion:
+        """One completion, retried on transient failures; usage accumulates per call."""
+        retry = 0
+        while True:
+            usage.calls += 1
+            try:
+                # No `temperature`: gpt-5 models reject it, and extraction needs no sampling
+                # tweaks beyond the strict schema.
+                completion = await self._client.chat.completions.create(
+                    model=self._model,
+                    messages=messages,
+                    response_format=self._response_format,
+                )
+            except APIStatusError as exc:
+                failure = self._classify(exc)
+            except APITimeoutError:
+                failure = _Transient(f"timed out after {self._settings.openai_timeout:g} s")
+            except APIConnectionError as exc:
+                failure = _Transient(f"connection error: {exc.__cause__ or exc}")
+            else:
+                add_usage(usage, completion)
+                return completion
+
+            if retry >= self._max_retries:
+                raise AnalyzerUnavailableError(
+                    f"OpenAI unavailable after {retry + 1} calls: {failure.reason}"
+                )
+            if failure.retry_after is not None:
+                if failure.retry_after > self._retry.max_wait:
+                    raise AnalyzerUnavailableError(
+                        f"OpenAI asked to wait {failure.retry_after:.0f} s ({failure.reason})"
+                    )
+                delay = failure.retry_after
+            else:
+                delay = self._retry.backoff(retry, self._rng)
+            retry += 1
+            log.warning(
+                "OpenAI call failed ({}); retry {}/{} in {:.2f} s",
+                failure.reason,
+                retry,
+                self._max_retries,
+                delay,
+            )
+            await asyncio.sleep(delay)
+
+    def _classify(self, exc: APIStatusError) -> _Transient:
+        """A transient failure to retry, or raise the permanent error it stands for."""
+        status = exc.status_code
+        code = exc.code or ""
+        detail = _short(exc.message)
+        if status in _RETRY_STATUS or status >= 500:
+            if code == "insufficient_quota":
+                # Billing, not load: waiting seconds will not help; the consumer's later
+                # retry (or a dead-letter replay) will, once the quota is fixed.
+                raise AnalyzerUnavailableError(f"OpenAI quota exhausted (HTTP {status}): {detail}")
+            return _Transient(f"HTTP {status}", retry_after_seconds(exc.response.headers))
+        if status in (401, 403):
+            raise AnalyzerConfigError(
+                f"OpenAI rejected the API key (HTTP {status}): check OPENAI_API_KEY ({detail})"
+            )
+        if code == "model_not_found" or (status == 404 and "model" in detail.lower()):
+            raise AnalyzerConfigError(
+                f"OpenAI model {self._model!r} was not found (HTTP {status}): set OPENAI_MODEL "
+                f"to a model this API key can use ({detail})"
+            )
+        if status == 404:
+            raise AnalyzerConfigError(
+                f"HTTP 404 from {self._base_url}/chat/completions: check OPENAI_BASE_URL (it "
+                f"usually ends in /v1) and OPENAI_MODEL ({self._model!r})"
+            )
+        if code in _DIALOG_REJECTED or status == 413:
+            raise _DialogRejected(f"HTTP {status} {code}".strip())
+        raise AnalyzerConfigError(
+            f"OpenAI refused the request (HTTP {status}): {detail}; check that OPENAI_MODEL "
+            f"({self._model!r}) supports Structured Outputs"
+        )
+
+
+def decode_answer(completion: ChatCompletion) -> LeadFacts:
+    """The facts in the completion's first choice, or `_UnusableAnswer` saying why not."""
+    if not completion.choices:
+        raise _UnusableAnswer("no choices")
+    choice = completion.choices[0]
+    if choice.message.refusal:
+        raise _UnusableAnswer("refusal")
+    if choice.finish_reason == "length":
+        raise _UnusableAnswer("answer cut at the token limit")
+    if choice.finish_reason == "content_filter":
+        raise _UnusableAnswer("content filter")
+    content = choice.message.content
+    if not content:
+        raise _UnusableAnswer("empty answer")
+    try:
+        return msgspec.json.decode(content, type=LeadFacts)
+    except msgspec.ValidationError as exc:
+        # The path only: values may quote the dialog.
+        logger.debug("schema violation in OpenAI answer: {}", exc)
+        where = _ERROR_PATH.search(str(exc))
+        raise _UnusableAnswer(f"schema violation at {where.group(1) if where else '$'}") from None
+    except msgspec.DecodeError:
+        raise _UnusableAnswer("invalid JSON") from None
+
+
+def add_usage(usage: TokenUsage, completion: ChatCompletion) -> None:
+    reported = completion.usage
+    if reported is None:
+        return
+    usage.prompt_tokens += reported.prompt_tokens or 0
+    usage.completion_tokens += reported.completion_tokens or 0
+    details = reported.prompt_tokens_details
+    if details is not None and details.cached_tokens:
+        usage.cached_tokens += details.cached_tokens
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """Seconds the server asked to wait (`retry-after-ms`, then `Retry-After`), if any."""
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _short(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"

@@ -1,0 +1,325 @@
+"""Webhook body → queued events, or a typed reason not to queue anything.
+
+Pure: no I/O, no framework. The HTTP handler and the Evolution-exchange bridge both call
+`parse_webhook` and act on its outcome:
+
+- `Accepted`: message events to publish (groups, broadcasts and non-dialog messages of a
+  multi-message body already left out);
+- `Ignored`: nothing to queue, and nothing a retry would change (other events, group
+  chats, `status@broadcast`, newsletters, reactions and protocol messages) → 200;
+- `Rejected`: the body is malformed; `reason` says what is wrong → 400 (Evolution does not
+  retry a 400).
+
+Only identity, time and readable text survive: base64 media and other bulk never reach
+the queue.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import msgspec
+
+from service.broker.envelope import QueuedEvent
+from service.evolution.identity import phone_jid
+from service.evolution.message_text import message_text
+
+# Events whose messages are queued for analysis (canonical, dotted lower case).
+MESSAGE_EVENTS = frozenset({"messages.upsert", "send.message", "messages.set"})
+
+# Evolution's event names in canonical form; anything else is reported as "other" in
+# metrics so a caller cannot inflate label cardinality.
+KNOWN_EVENTS = frozenset(
+    {
+        "application.startup",
+        "call",
+        "chats.delete",
+        "chats.set",
+        "chats.update",
+        "chats.upsert",
+        "connection.update",
+        "contacts.set",
+        "contacts.update",
+        "contacts.upsert",
+        "creds.update",
+        "group.participants.update",
+        "groups.update",
+        "groups.upsert",
+        "instance.create",
+        "instance.delete",
+        "labels.association",
+        "labels.edit",
+        "logout.instance",
+        "messages.delete",
+        "messages.edited",
+        "messages.set",
+        "messages.update",
+        "messages.upsert",
+        "messaging.history.set",
+        "presence.update",
+        "qrcode.updated",
+        "remove.instance",
+        "send.message",
+        "send.message.update",
+        "status.instance",
+        "typebot.change.status",
+        "typebot.start",
+    }
+)
+
+_MAX_NAME = 100  # longest event/instance name echoed back or carried along
+_MAX_TIMESTAMP = 253_402_300_799  # 9999-12-31: anything later is garbage
+
+
+class Accepted(msgspec.Struct, frozen=True, kw_only=True):
+    event: str
+    instance: str
+    events: list[QueuedEvent]
+    skipped: int = 0  # messages of the body left out (groups, reactions, …)
+
+
+class Ignored(msgspec.Struct, frozen=True, kw_only=True):
+    event: str
+    reason: str  # the event name for other events, else why the message is not a lead's
+
+
+class Rejected(msgspec.Struct, frozen=True, kw_only=True):
+    event: str  # canonical event when it could be read, else ""
+    reason: str
+
+
+IntakeOutcome = Accepted | Ignored | Rejected
+
+
+def normalize_event(name: str) -> str:
+    """`MESSAGES_UPSERT`, `messages-upsert` (path form) and `messages.upsert` → dotted."""
+    return name.strip().lower().replace("_", ".").replace("-", ".")
+
+
+def event_label(event: str) -> str:
+    """A bounded metrics label for an event name."""
+    if not event:
+        return "unknown"
+    return event if event in KNOWN_EVENTS else "other"
+
+
+# -- wire shapes (tolerant: unknown fields are skipped, absent ones checked by hand) -------
+class _Envelope(msgspec.Struct):
+    event: str | None = None
+    instance: str | None = None
+    data: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+
+
+class _Long(msgspec.Struct):
+    """protobuf.js Long, as some Evolution versions serialise 64-bit timestamps."""
+
+    low: int = 0
+    high: int = 0
+
+
+class _Key(msgspec.Struct):
+    remote_jid: str | None = msgspec.field(default=None, name="remoteJid")
+    id: str | None = None
+    from_me: bool | None = msgspec.field(default=None, name="fromMe")
+    remote_jid_alt: str | None = msgspec.field(default=None, name="remoteJidAlt")
+    sender_pn: str | None = msgspec.field(default=None, name="senderPn")
+
+
+class _MessageData(msgspec.Struct):
+    key: _Key | None = None
+    push_name: str | None = msgspec.field(default=None, name="pushName")
+    message: dict[str, Any] | None = None
+    message_type: str | None = msgspec.field(default=None, name="messageType")
+    message_timestamp: int | float | str | _Long | None = msgspec.field(
+        default=None, name="messageTimestamp"
+    )
+    # messages.set from some versions: {"messages": [...], ...}
+    messages: list[_MessageData] | None = None
+
+
+_envelope_decoder = msgspec.json.Decoder(_Envelope)
+_data_decoder = msgspec.json.Decoder(_MessageData | list[_MessageData] | None)
+
+
+class _Invalid(Exception):
+    """One message of the body is malformed; the text is the reason."""
+
+
+def parse_webhook(
+    body: bytes, path_event: str | None = None, *, received_at: int | None = None
+) -> IntakeOutcome:
+    """Decode an Evolution webhook body; `path_event` is the `{event}` path segment."""
+    if not body.strip():
+        return Rejected(event="", reason="empty body")
+    try:
+        envelope = _envelope_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        return Rejected(event="", reason=_explain(str(exc), root="body"))
+    except msgspec.DecodeError as exc:
+        return Rejected(event="", reason=f"malformed JSON: {exc}")
+
+    body_event = normalize_event(envelope.event) if envelope.event else ""
+    url_event = normalize_event(path_event) if path_event else ""
+    if body_event and url_event and body_event != url_event:
+        return Rejected(
+            event=body_event,
+            reason=f"event in the path ({url_event}) does not match the body ({body_event})",
+        )
+    event = (body_event or url_event)[:_MAX_NAME]
+    if not event:
+        return Rejected(event="", reason="missing event")
+    instance = (envelope.instance or "").strip()
+    if not instance:
+        return Rejected(event=event, reason="missing instance")
+    if len(instance) > _MAX_NAME:
+        return Rejected(event=event, reason=f"instance name longer than {_MAX_NAME} characters")
+    if event not in MESSAGE_EVENTS:
+        return Ignored(event=event, reason=event)
+    return _message_outcome(event, instance, envelope.data, received_at)
+
+
+def _message_outcome(
+    event: str, instance: str, raw: msgspec.Raw, received_at: int | None
+) -> IntakeOutcome:
+    if not raw:
+        return Rejected(event=event, reason="missing data")
+    try:
+        data = _data_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        return Rejected(event=event, reason=_explain(str(exc), root="data"))
+    except msgspec.DecodeError as exc:  # pragma: no cover - the envelope already parsed
+        return Rejected(event=event, reason=f"malformed JSON: {exc}")
+    if data is None:
+        return Rejected(event=event, reason="missing data")
+
+    if isinstance(data, list):
+        items, where = data, "data[{}]"
+    elif data.messages is not None:
+        items, where = data.messages, "data.messages[{}]"
+    else:
+        items, where = [data], "data"
+
+    now = int(time.time()) if received_at is None else received_at
+    events: list[QueuedEvent] = []
+    skipped: list[str] = []
+    invalid: list[str] = []
+    for index, item in enumerate(items):
+        path = where.format(index)
+        try:
+            result = _queued_event(event, instance, item, path, now)
+        except _Invalid as exc:
+            invalid.append(str(exc))
+            continue
+        if isinstance(result, str):
+            skipped.append(result)
+        else:
+            events.append(result)
+
+    if invalid and (len(items) == 1 or not (events or skipped)):
+        return Rejected(event=event, reason=invalid[0])
+    if not events:
+        return Ignored(event=event, reason=skipped[0] if skipped else "no messages")
+    return Accepted(
+        event=event, instance=instance, events=events, skipped=len(skipped) + len(invalid)
+    )
+
+
+def _queued_event(
+    event: str, instance: str, data: _MessageData, path: str, now: int
+) -> QueuedEvent | str:
+    """The event of one message, or why it is not queued (a short reason)."""
+    key = data.key
+    if key is None:
+        raise _Invalid(f"{path}.key missing")
+    remote_jid = (key.remote_jid or "").strip()
+    if not remote_jid:
+        raise _Invalid(f"{path}.key.remoteJid missing")
+    message_id = (key.id or "").strip()
+    if not message_id:
+        raise _Invalid(f"{path}.key.id missing")
+    timestamp = _timestamp(data.message_timestamp, now)
+    if timestamp is None:
+        raise _Invalid(f"{path}.messageTimestamp must be a Unix time")
+
+    non_contact = _non_contact_reason(remote_jid)
+    if non_contact is not None:
+        return non_contact
+    message_type = data.message_type or _guess_type(data.message)
+    text = message_text(data.message, message_type)
+    if text is None:
+        return "not_dialog"
+    contact = phone_jid(
+        {"remoteJid": remote_jid, "remoteJidAlt": key.remote_jid_alt, "senderPn": key.sender_pn}
+    )
+    return QueuedEvent(
+        event=event,
+        instance=instance,
+        message_id=message_id,
+        remote_jid=remote_jid,
+        phone_jid=contact,
+        from_me=bool(key.from_me),
+        timestamp=timestamp,
+        message_type=message_type,
+        text=text,
+        push_name=(data.push_name or "").strip() or None,
+    )
+
+
+def _non_contact_reason(remote_jid: str) -> str | None:
+    if remote_jid.endswith("@g.us"):
+        return "group"
+    if remote_jid.endswith("@broadcast"):
+        return "broadcast"
+    if remote_jid.endswith("@newsletter"):
+        return "newsletter"
+    return None
+
+
+def _guess_type(message: dict[str, Any] | None) -> str:
+    if message:
+        for name in message:
+            if name == "conversation" or name.endswith("Message"):
+                return name
+    return "unknown"
+
+
+def _timestamp(value: int | float | str | _Long | None, now: int) -> int | None:
+    """Unix seconds from whatever shape Evolution used; None when unreadable."""
+    seconds: int
+    if value is None:
+        return now
+    if isinstance(value, _Long):
+        seconds = ((value.high & 0xFFFFFFFF) << 32) | (value.low & 0xFFFFFFFF)
+    elif isinstance(value, str):
+        try:
+            seconds = int(float(value.strip()))
+        except (ValueError, OverflowError):
+            return None
+    else:
+        seconds = int(value)
+    if seconds > 100_000_000_000:  # milliseconds
+        seconds //= 1000
+    return seconds if 0 <= seconds <= _MAX_TIMESTAMP else None
+
+
+def _explain(message: str, *, root: str) -> str:
+    """msgspec's error in the body's terms: `data.key.id must be str, not int`."""
+    match = _TYPE_ERROR.fullmatch(message)
+    if match is None:
+        return f"wrong type: {message}"
+    expected, got, path = match.group(1), match.group(2), match.group(3)
+    expected = expected.removesuffix(" | null")
+    if path is None:
+        # The root itself has the wrong type.
+        if root == "body":
+            return f"body must be a JSON object, not {got}"
+        return f"data must be a message object or a list of them, not {got}"
+    where = path.removeprefix("$").removeprefix(".")
+    if root == "data":
+        where = "data" + ("." if where and not where.startswith("[") else "") + where
+    return f"{where} must be {expected}, not {got}"
+
+
+_TYPE_ERROR = re.compile(r"Expected `(.+?)`, got `(.+?)`(?: - at `(.+)`)?")

@@ -1,0 +1,473 @@
+"""Results store through Supabase's REST API (PostgREST), with supabase-py's async client.
+
+Every operation is one PostgREST request: table reads with filters, order and ranges,
+inserts and deletes, and `rpc` calls of the SQL functions of migrations/ for the write
+rules, list pages and stats (the same functions the Postgres store runs).
+
+supabase-py would wait 120 s per request and retry only GET/HEAD; here one httpx client
+with a bounded timeout carries every request, and a request is retried, with a short
+exponential backoff, when it failed transiently: the connection could not be made, the
+server or its gateway answered 5xx/429, or PostgreSQL reported a connection, resource or
+serialization error. A request that may already have taken effect (the answer was lost)
+is retried only when repeating it is harmless (reads, the upsert and update functions).
+Supabase caps each answer at its `max-rows` (1,000 by default): lists are fetched page
+by page until the count the server reported is reached, so nothing is cut silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import httpx
+import msgspec
+from loguru import logger
+from postgrest.types import CountMethod
+from supabase import AsyncClientOptions, acreate_client
+
+from service.stores.base import (
+    STATE_COLUMNS,
+    AnalysisWrite,
+    DuplicateLeadError,
+    InstanceMapping,
+    LeadQuery,
+    LeadRow,
+    LeadStats,
+    StoredState,
+    StoreUnavailableError,
+    UpsertResult,
+    check_changes,
+    creation_values,
+    lead_columns,
+    lead_from_record,
+    state_from_record,
+)
+from service.stores.postgres import checked_mapping
+
+T = TypeVar("T")
+
+LEADS = "dialog_analysis"
+INSTANCES = "whatsapp_instances"
+# Rows asked for per request; a server with a lower max-rows answers fewer, which the
+# paging loops tolerate.
+PAGE_SIZE = 1000
+# PostgreSQL SQLSTATE classes that mean "try again": connection (08), resources (53),
+# operator intervention (57: shutdown, statement timeout), transaction rollback (40).
+_TRANSIENT_SQLSTATE = ("08", "53", "57", "40")
+# PostgREST's own connection and pool errors.
+_TRANSIENT_PGRST = frozenset({"PGRST000", "PGRST001", "PGRST002", "PGRST003"})
+# Answers from Supabase's gateway or its CDN while the API is restarting or overloaded.
+_TRANSIENT_STATUS = frozenset({429, 502, 503, 504, 520, 521, 522, 523, 524})
+_MISSING_OBJECT = frozenset({"42P01", "42883", "PGRST202", "PGRST205"})
+
+
+class SupabaseHttpError(Exception):
+    """A non-2xx answer from the REST API, with what PostgREST said about it."""
+
+    def __init__(self, status: int, code: str | None, message: str, total: int | None) -> None:
+        super().__init__(f"HTTP {status} {code or ''}: {message}".strip())
+        self.status = status
+        self.code = code
+        self.message = message
+        self.total = total  # from Content-Range "*/N" (a 416 answer still tells the count)
+
+    @property
+    def transient(self) -> bool:
+        code = self.code or ""
+        return (
+            self.status in _TRANSIENT_STATUS
+            or code in _TRANSIENT_PGRST
+            or (len(code) == 5 and code.startswith(_TRANSIENT_SQLSTATE))
+        )
+
+    @property
+    def may_have_run(self) -> bool:
+        """False when PostgREST answered the error itself: its transaction rolled back."""
+        return self.code is None and self.status >= 500
+
+
+class _OffsetPastEnd(Exception):
+    """416 from PostgREST: the offset lies past the last row (`total` rows match)."""
+
+    def __init__(self, total: int) -> None:
+        super().__init__(f"offset past the end of {total} rows")
+        self.total = total
+
+
+async def _raise_for_status(response: httpx.Response) -> None:
+    """httpx response hook: turn every error answer into one SupabaseHttpError.
+
+    Done here rather than from supabase-py's APIError, which drops the HTTP status (and
+    with it the difference between "retry" and "fix the request").
+    """
+    if response.status_code < 400:
+        return
+    await response.aread()
+    code: str | None = None
+    message = response.reason_phrase or f"HTTP {response.status_code}"
+    try:
+        body = json.loads(response.content)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        code = body.get("code") if isinstance(body.get("code"), str) else None
+        message = str(body.get("message") or message)
+    total: int | None = None
+    _, _, count = response.headers.get("content-range", "").partition("/")
+    if count.isdigit():
+        total = int(count)
+    raise SupabaseHttpError(response.status_code, code, message, total)
+
+
+class SupabaseStore:
+    """ResultsStore over Supabase REST. Open with `await SupabaseStore.open(url, key)`."""
+
+    def __init__(
+        self,
+        client: Any,
+        http: httpx.AsyncClient,
+        *,
+        url: str,
+        attempts: int = 4,
+        backoff: float = 0.25,
+    ) -> None:
+        self._client = client
+        self._http = http
+        self._url = url
+        self._attempts = max(attempts, 1)
+        self._backoff = backoff
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        key: str,
+        *,
+        request_timeout: float = 15.0,
+        attempts: int = 4,
+        backoff: float = 0.25,
+    ) -> SupabaseStore:
+        http = httpx.AsyncClient(
+            timeout=httpx.Timeout(request_timeout, connect=min(request_timeout, 5.0)),
+            follow_redirects=True,
+            event_hooks={"response": [_raise_for_status]},
+        )
+        options = AsyncClientOptions(
+            httpx_client=http,
+            postgrest_client_retry=False,  # retried here, uniformly and bounded
+            auto_refresh_token=False,
+            persist_session=False,
+        )
+        try:
+            client = await acreate_client(url, key, options=options)
+        except Exception as exc:  # supabase-py validates URL and key here
+            await http.aclose()
+            raise StoreUnavailableError(
+                f"cannot use SUPABASE_URL/SUPABASE_SERVICE_KEY: {exc}"
+            ) from None
+        return cls(client, http, url=url, attempts=attempts, backoff=backoff)
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def ping(self) -> None:
+        await self._run("ping", lambda: self._leads().select("id").limit(1).execute())
+
+    # -- pipeline ---------------------------------------------------------------------
+    async def get_state(self, account: uuid.UUID, instance: str, phone: str) -> StoredState | None:
+        response = await self._run(
+            "reading a lead",
+            lambda: (
+                self._leads()
+                .select(*STATE_COLUMNS)
+                .eq("user_account_id", str(account))
+                .eq("instance_name", instance)
+                .eq("contact_phone", phone)
+                .limit(1)
+                .execute()
+            ),
+        )
+        return state_from_record(response.data[0]) if response.data else None
+
+    async def upsert_analysis(self, write: AnalysisWrite) -> UpsertResult:
+        params = {"p": msgspec.to_builtins(write)}
+        response = await self._run(
+            "storing an analysis",
+            lambda: self._client.rpc("crm_upsert_analysis", params).execute(),
+        )
+        return msgspec.convert(response.data, UpsertResult)
+
+    # -- REST -------------------------------------------------------------------------
+    async def get_lead(
+        self, account: uuid.UUID, lead_id: uuid.UUID, *, include_messages: bool = False
+    ) -> LeadRow | None:
+        response = await self._run(
+            "reading a lead",
+            lambda: (
+                self._leads()
+                .select(*lead_columns(include_messages))
+                .eq("id", str(lead_id))
+                .eq("user_account_id", str(account))
+                .limit(1)
+                .execute()
+            ),
+        )
+        return lead_from_record(response.data[0]) if response.data else None
+
+    async def query_leads(self, query: LeadQuery) -> tuple[list[LeadRow], int]:
+        columns = lead_columns(query.include_messages)
+        offset, limit = max(query.offset, 0), max(query.limit, 0)
+        rows: list[dict[str, Any]] = []
+        total: int | None = None
+        while True:
+            start, size, counting = (
+                offset + len(rows),
+                min(limit - len(rows), PAGE_SIZE),
+                total is None,
+            )
+
+            def request(start: int = start, size: int = size, counting: bool = counting) -> Any:
+                builder = self._leads().select(
+                    *columns, count=CountMethod.exact if counting else None
+                )
+                builder = _ordered(_filtered(builder, query))
+                return builder.range(start, start + size - 1).execute()
+
+            try:
+                response = await self._run("listing leads", request)
+            except _OffsetPastEnd as exc:
+                return [lead_from_record(r) for r in rows], exc.total if total is None else total
+            if total is None:
+                total = int(response.count or 0)
+            rows.extend(response.data)
+            if not response.data or len(rows) >= limit or offset + len(rows) >= total:
+                break
+        return [lead_from_record(r) for r in rows], total
+
+    async def iter_leads(self, query: LeadQuery, chunk_size: int = 1000) -> AsyncIterator[LeadRow]:
+        """Keyset pagination through `crm_leads_page` (no OFFSET: each page is cheap)."""
+        columns = lead_columns(query.include_messages)
+        params: dict[str, Any] = {
+            "p_account": str(query.user_account_id),
+            "p_instance": query.instance_name,
+            "p_interest": query.interest_level,
+            "p_min_score": query.min_score,
+            "p_stage": query.funnel_stage,
+            "p_qualified": query.qualification_complete,
+            "p_after_score": None,
+            "p_after_last": None,
+            "p_after_id": None,
+            "p_limit": max(chunk_size, 1),
+        }
+
+        def request() -> Any:
+            return self._client.rpc("crm_leads_page", params).select(*columns).execute()
+
+        while True:
+            response = await self._run("listing leads", request)
+            records: list[dict[str, Any]] = response.data or []
+            if not records:
+                return
+            for record in records:
+                yield lead_from_record(record)
+            last = records[-1]
+            params["p_after_score"] = last["score"]
+            params["p_after_last"] = last["last_message"]
+            params["p_after_id"] = last["id"]
+
+    async def stats(self, account: uuid.UUID, instance: str | None) -> LeadStats:
+        params = {"p_account": str(account), "p_instance": instance}
+        response = await self._run(
+            "computing stats", lambda: self._client.rpc("crm_lead_stats", params).execute()
+        )
+        return msgspec.convert(response.data, LeadStats)
+
+    async def create_lead(self, row: LeadRow) -> LeadRow:
+        values = creation_values(row)
+        response = await self._run(
+            "creating a lead",
+            lambda: self._leads().insert(values).select(*lead_columns(False)).execute(),
+            repeatable=False,
+        )
+        return lead_from_record(response.data[0])
+
+    async def update_lead(
+        self,
+        account: uuid.UUID,
+        lead_id: uuid.UUID,
+        changes: dict[str, Any],
+        derived: dict[str, Any] | None = None,
+    ) -> LeadRow | None:
+        check_changes(changes, derived)
+        params = {
+            "p_account": str(account),
+            "p_id": str(lead_id),
+            "p_changes": msgspec.to_builtins(changes),
+            "p_derived": msgspec.to_builtins(derived or {}),
+        }
+        response = await self._run(
+            "updating a lead",
+            lambda: (
+                self._client.rpc("crm_update_lead", params).select(*lead_columns(False)).execute()
+            ),
+        )
+        return lead_from_record(response.data[0]) if response.data else None
+
+    async def delete_lead(self, account: uuid.UUID, lead_id: uuid.UUID) -> bool:
+        response = await self._run(
+            "deleting a lead",
+            lambda: (
+                self._leads()
+                .delete()
+                .eq("id", str(lead_id))
+                .eq("user_account_id", str(account))
+                .select("id")
+                .execute()
+            ),
+            repeatable=False,
+        )
+        return bool(response.data)
+
+    # -- instances --------------------------------------------------------------------
+    async def instance_account(self, instance: str) -> uuid.UUID | None:
+        response = await self._run(
+            "reading an instance",
+            lambda: (
+                self._client.table(INSTANCES)
+                .select("user_account_id")
+                .eq("instance_name", instance)
+                .limit(1)
+                .execute()
+            ),
+        )
+        return uuid.UUID(response.data[0]["user_account_id"]) if response.data else None
+
+    async def add_instance(self, instance: str, account: uuid.UUID) -> InstanceMapping:
+        params = {"p_instance": instance, "p_account": str(account)}
+        response = await self._run(
+            "mapping an instance",
+            lambda: self._client.rpc("crm_add_instance", params).execute(),
+        )
+        return checked_mapping(response.data, instance, account)
+
+    async def list_instances(self) -> list[InstanceMapping]:
+        found: list[InstanceMapping] = []
+        while True:
+
+            def request(start: int = len(found)) -> Any:
+                return (
+                    self._client.table(INSTANCES)
+                    .select("instance_name", "user_account_id", "created_at")
+                    .order("instance_name")
+                    .range(start, start + PAGE_SIZE - 1)
+                    .execute()
+                )
+
+            response = await self._run("listing instances", request)
+            found.extend(msgspec.convert(r, InstanceMapping) for r in response.data)
+            if not response.data:
+                return found
+
+    async def remove_instance(self, instance: str) -> bool:
+        response = await self._run(
+            "removing an instance",
+            lambda: (
+                self._client.table(INSTANCES)
+                .delete()
+                .eq("instance_name", instance)
+                .select("instance_name")
+                .execute()
+            ),
+            repeatable=False,
+        )
+        return bool(response.data)
+
+    # -- requests ---------------------------------------------------------------------
+    def _leads(self) -> Any:
+        return self._client.table(LEADS)
+
+    async def _run(
+        self, doing: str, send: Callable[[], Awaitable[T]], *, repeatable: bool = True
+    ) -> T:
+        """Send, retrying transient failures; map errors to the store's exceptions.
+
+        `repeatable`: sending the request twice does no harm (reads; the upsert, update and
+        mapping functions). Others are repeated only when they surely did not run.
+        """
+        last: BaseException | None = None
+        for attempt in range(self._attempts):
+            if attempt:
+                delay = min(self._backoff * 2 ** (attempt - 1), 5.0)
+                await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            try:
+                return await send()
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                last = exc  # never reached the server: always safe to repeat
+            except httpx.TransportError as exc:
+                last = exc
+                if not repeatable:
+                    break
+            except SupabaseHttpError as exc:
+                last = exc
+                if not exc.transient or (exc.may_have_run and not repeatable):
+                    raise _domain_error(exc, doing, self._url) from exc
+            if attempt + 1 < self._attempts:
+                logger.warning(
+                    "results store request failed; retrying",
+                    doing=doing,
+                    attempt=attempt + 1,
+                    error=type(last).__name__,
+                )
+        raise StoreUnavailableError(
+            f"Supabase at {self._url} unavailable while {doing} ({type(last).__name__}: {last})"
+        ) from last
+
+
+def _filtered(builder: Any, query: LeadQuery) -> Any:
+    builder = builder.eq("user_account_id", str(query.user_account_id))
+    if query.instance_name is not None:
+        builder = builder.eq("instance_name", query.instance_name)
+    if query.interest_level is not None:
+        builder = builder.eq("interest_level", query.interest_level)
+    if query.min_score is not None:
+        builder = builder.gte("score", query.min_score)
+    if query.funnel_stage is not None:
+        builder = builder.eq("funnel_stage", query.funnel_stage)
+    if query.qualification_complete is True:
+        builder = builder.is_("qualification_complete", True)
+    elif query.qualification_complete is False:
+        # NULL (rows of the original service) counts as not complete, as in the SQL store.
+        builder = builder.not_.is_("qualification_complete", True)
+    return builder
+
+
+def _ordered(builder: Any) -> Any:
+    return (
+        builder.order("score", desc=True, nullsfirst=False)
+        .order("last_message", desc=True, nullsfirst=False)
+        .order("id", desc=True)
+    )
+
+
+def _domain_error(exc: SupabaseHttpError, doing: str, url: str) -> Exception:
+    if exc.status == 416:
+        return _OffsetPastEnd(exc.total or 0)
+    if exc.code == "23505":
+        return DuplicateLeadError("a lead for this instance and phone exists already")
+    if exc.status in (401, 403):
+        return StoreUnavailableError(
+            f"Supabase at {url} refused the request (HTTP {exc.status}: {exc.message}); "
+            "check SUPABASE_SERVICE_KEY (the service_role key)"
+        )
+    if exc.code in _MISSING_OBJECT:
+        return StoreUnavailableError(
+            f"Supabase at {url} lacks this service's tables or functions ({exc.message}); "
+            "run `crm-backend migrate --print` and paste the SQL into the SQL editor"
+        )
+    if exc.status == 400 and exc.code and exc.code[:2] in ("22", "23"):
+        return ValueError(f"invalid value: {exc.message}")
+    return StoreUnavailableError(f"Supabase error while {doing}: {exc}")

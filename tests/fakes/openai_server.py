@@ -1,0 +1,369 @@
+"""An OpenAI-compatible Chat Completions server over real HTTP, scriptable per test.
+
+    async with FakeOpenAI(latency=0.2) as fake:
+        settings = replace(settings, openai_base_url=fake.base_url)
+        fake.script([FakeReply.error(429, headers={"Retry-After": "1"}), FakeReply()])
+        ...
+        assert fake.calls == 2 and fake.max_concurrency <= 8
+
+Replies come from, in order: the scripted queue, the handler set by `set_handler`, and by
+default a valid LeadFacts answer (the rules extractor's facts for the dialog in the prompt)
+with a usage block whose `cached_tokens` counts the system prompt once it has been seen;
+`facts=lambda dialog: FIXED` answers fixed facts instead (no rules CPU in a benchmark).
+Like OpenAI it answers 401 to a wrong key (when `api_key` is set), 404 `model_not_found`
+to a model outside `known_models` (when set) and 400 to `temperature` for gpt-5 models.
+Every request is recorded with its JSON body, headers and start/finish times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from service.analyzers.prompt import CONTINUATION, DIALOG_CLOSE, DIALOG_OPEN, MANAGER_LABEL
+from service.analyzers.rules import RulesAnalyzer
+from service.domain.dialog import Contact, Dialog, DialogMessage
+from service.domain.facts import LeadFacts
+
+CHARS_PER_TOKEN = 3.5
+_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d)\] (\S+): ?(.*)$")
+
+
+class RecordedRequest(msgspec.Struct, kw_only=True):
+    """One request as the server saw it."""
+
+    body: dict[str, Any]
+    headers: dict[str, str]  # names in lower case
+    started: float  # time.monotonic()
+    finished: float | None = None
+
+    @property
+    def model(self) -> str | None:
+        model = self.body.get("model")
+        return model if isinstance(model, str) else None
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        messages = self.body.get("messages")
+        return messages if isinstance(messages, list) else []
+
+    def content_of(self, role: str) -> str:
+        return "\n".join(str(m.get("content", "")) for m in self.messages if m.get("role") == role)
+
+    @property
+    def system_prompt(self) -> str:
+        return self.content_of("system")
+
+    @property
+    def user_prompt(self) -> str:
+        return self.content_of("user")
+
+
+class FakeReply(msgspec.Struct, kw_only=True):
+    """What to answer one request with. Without `body`, a chat completion is built."""
+
+    status: int = 200
+    headers: dict[str, str] = {}
+    body: Any = None  # raw answer: dict/list → JSON, str/bytes → as is
+    content: str | None = None  # the assistant's content (None: facts for the dialog)
+    refusal: str | None = None
+    finish_reason: str = "stop"
+    delay: float = 0.0  # seconds on top of the server's latency
+
+    @classmethod
+    def error(
+        cls,
+        status: int,
+        message: str = "fake error",
+        *,
+        code: str | None = None,
+        type: str = "server_error",  # OpenAI's field name
+        headers: dict[str, str] | None = None,
+        delay: float = 0.0,
+    ) -> FakeReply:
+        body = {"error": {"message": message, "type": type, "param": None, "code": code}}
+        return cls(status=status, body=body, headers=headers or {}, delay=delay)
+
+    @classmethod
+    def answer(cls, content: str, *, finish_reason: str = "stop", delay: float = 0.0) -> FakeReply:
+        return cls(content=content, finish_reason=finish_reason, delay=delay)
+
+    @classmethod
+    def facts(cls, facts: LeadFacts | dict[str, Any], *, delay: float = 0.0) -> FakeReply:
+        return cls(content=msgspec.json.encode(facts).decode(), delay=delay)
+
+    @classmethod
+    def refused(cls, refusal: str = "I can't help with that.") -> FakeReply:
+        return cls(refusal=refusal)
+
+
+Handler = Callable[[RecordedRequest], "FakeReply | Awaitable[FakeReply]"]
+FactsFor = Callable[[Dialog], LeadFacts]
+
+
+class FakeOpenAI:
+    def __init__(
+        self,
+        *,
+        latency: float = 0.0,
+        api_key: str | None = None,
+        known_models: Collection[str] | None = None,
+        facts: FactsFor | None = None,
+    ) -> None:
+        self.latency = latency
+        self.api_key = api_key
+        self.known_models = set(known_models) if known_models is not None else None
+        self.requests: list[RecordedRequest] = []
+        self.in_flight = 0
+        self.max_concurrency = 0
+        self._facts = facts
+        self._script: deque[FakeReply] = deque()
+        self._handler: Handler | None = None
+        self._seen_system: set[str] = set()
+        self._ids = itertools.count(1)
+        self._runner: web.AppRunner | None = None
+        self._port = 0
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self._handle)
+        # Cancel a handler when its client gives up (timeouts), and do not wait long for
+        # sleeping handlers at shutdown.
+        self._runner = web.AppRunner(
+            app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self._port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> FakeOpenAI:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- scripting ------------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._port}/v1"
+
+    @property
+    def calls(self) -> int:
+        return len(self.requests)
+
+    def script(self, replies: Iterable[FakeReply]) -> None:
+        """Answer the next requests with these replies, in order, then as before."""
+        self._script.extend(replies)
+
+    def set_handler(self, handler: Handler | None) -> None:
+        """Answer every unscripted request with `handler(request)` (None: default)."""
+        self._handler = handler
+
+    def reset(self) -> None:
+        self.requests.clear()
+        self._script.clear()
+        self.max_concurrency = self.in_flight
+
+    def max_concurrency_by(
+        self, key: Callable[[RecordedRequest], Hashable | None]
+    ) -> dict[Hashable, int]:
+        """Most requests in flight at once per `key(request)` (None keys are ignored)."""
+        events: dict[Hashable, list[tuple[float, int]]] = {}
+        for request in self.requests:
+            k = key(request)
+            if k is None:
+                continue
+            end = request.finished if request.finished is not None else math.inf
+            # At equal times a finish sorts before a start: back-to-back is not overlap.
+            events.setdefault(k, []).extend([(request.started, 1), (end, -1)])
+        result: dict[Hashable, int] = {}
+        for k, points in events.items():
+            current = peak = 0
+            for _, step in sorted(points):
+                current += step
+                peak = max(peak, current)
+            result[k] = peak
+        return result
+
+    # -- serving --------------------------------------------------------------------
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            body = None
+        record = RecordedRequest(
+            body=body if isinstance(body, dict) else {"_raw": raw.decode(errors="replace")},
+            headers={k.lower(): v for k, v in request.headers.items()},
+            started=time.monotonic(),
+        )
+        self.requests.append(record)
+        self.in_flight += 1
+        self.max_concurrency = max(self.max_concurrency, self.in_flight)
+        try:
+            reply = await self._reply_for(record, body_ok=isinstance(body, dict))
+            delay = self.latency + reply.delay
+            if delay > 0:
+                await asyncio.sleep(delay)
+            return self._render(record, reply)
+        finally:
+            self.in_flight -= 1
+            record.finished = time.monotonic()
+
+    async def _reply_for(self, record: RecordedRequest, *, body_ok: bool) -> FakeReply:
+        if not body_ok:
+            return FakeReply.error(400, "body is not JSON", type="invalid_request_error")
+        if self.api_key is not None:
+            if record.headers.get("authorization") != f"Bearer {self.api_key}":
+                return FakeReply.error(
+                    401,
+                    "Incorrect API key provided.",
+                    code="invalid_api_key",
+                    type="invalid_request_error",
+                )
+        model = record.model or ""
+        if self.known_models is not None and model not in self.known_models:
+            return FakeReply.error(
+                404,
+                f"The model `{model}` does not exist or you do not have access to it.",
+                code="model_not_found",
+                type="invalid_request_error",
+            )
+        if "temperature" in record.body and model.startswith("gpt-5"):
+            return FakeReply.error(
+                400,
+                "Unsupported value: 'temperature' does not support 0.0 with this model.",
+                code="unsupported_value",
+                type="invalid_request_error",
+            )
+        if self._script:
+            return self._script.popleft()
+        if self._handler is not None:
+            reply = self._handler(record)
+            return await reply if inspect.isawaitable(reply) else reply
+        return FakeReply()
+
+    def _render(self, record: RecordedRequest, reply: FakeReply) -> web.Response:
+        if reply.body is not None:
+            if isinstance(reply.body, str | bytes):
+                return web.Response(
+                    status=reply.status,
+                    body=reply.body.encode() if isinstance(reply.body, str) else reply.body,
+                    headers=reply.headers,
+                    content_type="application/json",
+                )
+            return web.Response(
+                status=reply.status,
+                body=msgspec.json.encode(reply.body),
+                headers=reply.headers,
+                content_type="application/json",
+            )
+        content = reply.content
+        if content is None and reply.refusal is None:
+            content = msgspec.json.encode(self._default_facts(record)).decode()
+        completion = self._completion(record, content, reply)
+        return web.Response(
+            status=reply.status,
+            body=msgspec.json.encode(completion),
+            headers=reply.headers,
+            content_type="application/json",
+        )
+
+    def _completion(
+        self, record: RecordedRequest, content: str | None, reply: FakeReply
+    ) -> dict[str, Any]:
+        system = record.system_prompt
+        prompt_tokens = _tokens(system) + _tokens(record.user_prompt)
+        schema = record.body.get("response_format")
+        if schema is not None:
+            prompt_tokens += _tokens(msgspec.json.encode(schema).decode())
+        # Prompt caching, simplified: a system prompt seen before is served from cache.
+        cached = _tokens(system) if system in self._seen_system else 0
+        self._seen_system.add(system)
+        completion_tokens = _tokens(content or reply.refusal or "")
+        return {
+            "id": f"chatcmpl-fake-{next(self._ids)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": record.model or "unknown",
+            "system_fingerprint": "fp_fake",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content, "refusal": reply.refusal},
+                    "finish_reason": reply.finish_reason,
+                    "logprobs": None,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 0},
+            },
+        }
+
+    def _default_facts(self, record: RecordedRequest) -> LeadFacts:
+        dialog = parse_dialog(record.user_prompt)
+        if self._facts is None:
+            self._facts = RulesAnalyzer().extract
+        return self._facts(dialog)
+
+
+def parse_dialog(user_prompt: str) -> Dialog:
+    """The dialog back from the prompt's `<dialog>` block (continuations re-joined)."""
+    start = user_prompt.find(DIALOG_OPEN)
+    end = user_prompt.rfind(DIALOG_CLOSE)
+    block = user_prompt[start + len(DIALOG_OPEN) : end] if 0 <= start < end else ""
+    parsed: list[tuple[datetime, bool, list[str]]] = []
+    for line in block.split("\n"):
+        if line.startswith(CONTINUATION) and parsed:
+            parsed[-1][2].append(line[len(CONTINUATION) :])
+            continue
+        match = _LINE.match(line)
+        if match:
+            when = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M").replace(tzinfo=UTC)
+            parsed.append((when, match.group(2) == MANAGER_LABEL, [match.group(3)]))
+    messages = [
+        DialogMessage(
+            id=f"fake-{i}",
+            from_me=from_me,
+            timestamp=when,
+            text="\n".join(parts),
+            type="conversation",
+        )
+        for i, (when, from_me, parts) in enumerate(parsed)
+    ]
+    return Dialog(
+        instance="fake",
+        contact=Contact(phone="0", remote_jid="0@s.whatsapp.net"),
+        messages=messages,
+        incoming_count=sum(1 for m in messages if not m.from_me),
+        outgoing_count=sum(1 for m in messages if m.from_me),
+        first_message_at=messages[0].timestamp if messages else None,
+        last_message_at=messages[-1].timestamp if messages else None,
+    )
+
+
+def _tokens(text: str) -> int:
+    return math.ceil(len(text) / CHARS_PER_TOKEN)

@@ -30,11 +30,11 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.evolution_reader import _dsn, _generate  # noqa: E402
-from service.app import app_context  # noqa: E402
-from service.backfill import BackfillOptions, BackfillStats, run_backfill  # noqa: E402
-from service.config import load_settings  # noqa: E402
-from service.migrations import apply_migrations  # noqa: E402
+from bench.evolution_reader import _dsn, _generate
+from service.app import app_context
+from service.backfill import BackfillOptions, BackfillStats, run_backfill
+from service.config import load_settings
+from service.migrations import apply_migrations
 
 
 def _rss_mib() -> float:

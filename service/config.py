@@ -225,10 +225,14 @@ def load_settings(
     try:
         return msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_explain(exc, fields)) from None
+        raise ConfigError(_explain(exc, fields, raw)) from None
 
 
-def _explain(exc: msgspec.ValidationError, fields: Mapping[str, msgspec.structs.FieldInfo]) -> str:
+def _explain(
+    exc: msgspec.ValidationError,
+    fields: Mapping[str, msgspec.structs.FieldInfo],
+    raw: Mapping[str, object],
+) -> str:
     text = str(exc)
     match = re.search(r"at `\$\.(\w+)`", text)
     if not match:
@@ -246,4 +250,4 @@ def _explain(exc: msgspec.ValidationError, fields: Mapping[str, msgspec.structs.
                 if tp is kind or kind in args:
                     expected = words
                     break
-    return f"{name.upper()} must be {expected}"
+    return f"{name.upper()} must be {expected}, got {raw.get(name)!r}"

@@ -201,14 +201,13 @@ def _message_outcome(
     else:
         items, where = [data], "data"
 
-    now = int(time.time()) if received_at is None else received_at
     events: list[QueuedEvent] = []
     skipped: list[str] = []
     invalid: list[str] = []
     for index, item in enumerate(items):
         path = where.format(index)
         try:
-            result = _queued_event(event, instance, item, path, now)
+            result = _queued_event(event, instance, item, path, received_at)
         except _Invalid as exc:
             invalid.append(str(exc))
             continue
@@ -227,7 +226,7 @@ def _message_outcome(
 
 
 def _queued_event(
-    event: str, instance: str, data: _MessageData, path: str, now: int
+    event: str, instance: str, data: _MessageData, path: str, received_at: int | None
 ) -> QueuedEvent | str:
     """The event of one message, or why it is not queued (a short reason)."""
     key = data.key
@@ -239,7 +238,7 @@ def _queued_event(
     message_id = (key.id or "").strip()
     if not message_id:
         raise _Invalid(f"{path}.key.id missing")
-    timestamp = _timestamp(data.message_timestamp, now)
+    timestamp = _timestamp(data.message_timestamp, received_at)
     if timestamp is None:
         raise _Invalid(f"{path}.messageTimestamp must be a Unix time")
 
@@ -285,11 +284,11 @@ def _guess_type(message: dict[str, Any] | None) -> str:
     return "unknown"
 
 
-def _timestamp(value: int | float | str | _Long | None, now: int) -> int | None:
+def _timestamp(value: int | float | str | _Long | None, received_at: int | None) -> int | None:
     """Unix seconds from whatever shape Evolution used; None when unreadable."""
     seconds: int
     if value is None:
-        return now
+        return int(time.time()) if received_at is None else received_at
     if isinstance(value, _Long):
         seconds = ((value.high & 0xFFFFFFFF) << 32) | (value.low & 0xFFFFFFFF)
     elif isinstance(value, str):

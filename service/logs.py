@@ -70,7 +70,9 @@ def setup_logging(settings: Settings) -> None:
     # Access logs are written by our own lean middleware; aio-pika's reconnect chatter is
     # useful only when debugging.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    for noisy in ("aiormq", "aio_pika", "httpx", "httpcore", "hpack"):
-        logging.getLogger(noisy).setLevel(
-            logging.DEBUG if settings.log_level in ("TRACE", "DEBUG") else logging.WARNING
-        )
+    debug = settings.log_level in ("TRACE", "DEBUG")
+    for noisy in ("aio_pika", "httpx", "httpcore", "hpack"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+    # aiormq logs every failed connect at ERROR with a traceback; aio-pika's own reconnect
+    # warning (and our error line) say the same in one line.
+    logging.getLogger("aiormq").setLevel(logging.DEBUG if debug else logging.CRITICAL)

@@ -518,3 +518,32 @@ async def test_publish_after_close_is_refused(publisher: EventPublisher) -> None
     with pytest.raises(BrokerUnavailableError, match="closed"):
         await publisher.publish([make_event(2)])
     assert await publisher.ping() is False
+
+
+async def test_close_fails_waiting_publishes_promptly(settings: Settings) -> None:
+    """A publisher shut down while the broker does not answer leaves nobody waiting."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    publisher = EventPublisher(
+        msgspec.structs.replace(settings, amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/"),
+        timeout=1.0,
+        max_in_flight=1,
+    )
+    try:
+        first = asyncio.create_task(publisher.publish([make_event(1)]))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(publisher.publish([make_event(2)]))  # queued behind
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await publisher.close()
+        for task in (first, second):
+            with pytest.raises(BrokerUnavailableError):
+                await asyncio.wait_for(task, 5)
+        assert time.monotonic() - started < 4
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -117,7 +117,9 @@ def test_interest_thresholds(total: int, level: str) -> None:
 def test_interest_thresholds_through_score() -> None:
     # 40 exactly: booked, nothing else -> warm; 35: lost medicine owner with budget -> cold.
     assert score(ScoreInputs(funnel_stage="consultation_booked")).interest_level == "warm"
-    lost = ScoreInputs(funnel_stage="deal_lost", niche="medicine", is_owner=True, budget_stated=True)
+    lost = ScoreInputs(
+        funnel_stage="deal_lost", niche="medicine", is_owner=True, budget_stated=True
+    )
     assert (score(lost).total, score(lost).interest_level) == (35, "cold")
     # 75 exactly: closed with nothing else -> hot; 70: booked infobusiness owner with budget.
     assert score(ScoreInputs(funnel_stage="deal_closed")).interest_level == "hot"

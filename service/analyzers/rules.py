@@ -14,9 +14,10 @@ Pure CPU and deterministic: the same dialog always gives the same facts. Pattern
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from itertools import pairwise
+from types import MappingProxyType
 from typing import Literal
 
 import msgspec
@@ -48,49 +49,33 @@ _CHAR_MAP = str.maketrans(
         "‘": "'",
     }
 )
-_STAGE_RANK: dict[str, int] = {"booked": 1, "completed": 2, "closed": 3}
-_EVENT_STAGE: dict[str, FunnelStage] = {
-    "booked": "consultation_booked",
-    "completed": "consultation_completed",
-    "closed": "deal_closed",
-    "lost": "deal_lost",
-}
+_STAGE_RANK: Mapping[str, int] = MappingProxyType({"booked": 1, "completed": 2, "closed": 3})
+_EVENT_STAGE: Mapping[str, FunnelStage] = MappingProxyType(
+    {
+        "booked": "consultation_booked",
+        "completed": "consultation_completed",
+        "closed": "deal_closed",
+        "lost": "deal_lost",
+    }
+)
 
 
 def _hit(pattern: lx.Matcher, text: str) -> bool:
     return pattern.search(text) is not None
 
 
-class _Sides:
-    """The joined text of each side of one dialog. A pattern absent from a whole side is
-    absent from each of its messages: one search there spares one per message."""
-
-    def __init__(self, client: str, manager: str) -> None:
-        self.text = (client, manager)  # indexed by `from_me`
-        self._found: dict[tuple[int, bool], bool] = {}
-
-    def may(self, pattern: lx.Matcher, from_me: bool) -> bool:
-        key = (id(pattern), from_me)
-        found = self._found.get(key)
-        if found is None:
-            found = self._found[key] = _hit(pattern, self.text[from_me])
-        return found
-
-
 class _Msg:
     """One cleaned message. Its cues are matched lazily: each pattern at most once per
     message and only when a rule asks, which keeps long dialogs cheap."""
 
-    def __init__(self, index: int, from_me: bool, raw: str, text: str, sides: _Sides) -> None:
+    def __init__(self, index: int, from_me: bool, raw: str, text: str) -> None:
         self.index = index
         self.from_me = from_me
         self.raw = raw  # cleaned text, case kept (for quoting the client's own words)
         self.text = text  # normalised: lower case, `ё` → `е`
-        self.sides = sides
 
     def has(self, pattern: lx.Matcher) -> bool:
-        """`pattern` occurs in this message (not for `^`-anchored patterns)."""
-        return self.sides.may(pattern, self.from_me) and _hit(pattern, self.text)
+        return pattern.search(self.text) is not None
 
     @cached_property
     def time(self) -> bool:  # a concrete day or clock time
@@ -153,7 +138,6 @@ class _Niche(msgspec.Struct, frozen=True):
 
 
 class _Event(msgspec.Struct, frozen=True):
-    index: int
     kind: EventKind
     quote: str
 
@@ -184,7 +168,7 @@ def _strip_injections(text: str) -> str:
 
 
 def prepare(messages: Sequence[DialogMessage]) -> list[_Msg]:
-    cleaned: list[tuple[bool, str, str]] = []
+    out: list[_Msg] = []
     for message in messages:
         raw = _strip_injections(message.text.translate(_CHAR_MAP)).strip()
         if not raw:
@@ -192,12 +176,8 @@ def prepare(messages: Sequence[DialogMessage]) -> list[_Msg]:
         text = raw.lower()
         if len(text) != len(raw):  # a rare case-folding that changes length: spans must agree
             raw = text
-        cleaned.append((message.from_me, raw, text))
-    sides = _Sides(
-        " \n ".join(text for from_me, _raw, text in cleaned if not from_me),
-        " \n ".join(text for from_me, _raw, text in cleaned if from_me),
-    )
-    return [_Msg(i, from_me, raw, text, sides) for i, (from_me, raw, text) in enumerate(cleaned)]
+        out.append(_Msg(len(out), message.from_me, raw, text))
+    return out
 
 
 def _language(msgs: Sequence[_Msg]) -> Lang:
@@ -347,7 +327,7 @@ def _owner(msgs: Sequence[_Msg], targetologist: bool) -> bool | None:
         if m.has(lx.OWNER_THIRD_PERSON):
             own_words = lx.OWNER_THIRD_PERSON.sub(" ", own_words)
         noun = lx.OWNER_NOUN.search(own_words) if m.has(lx.OWNER_NOUN) else None
-        if noun and not re.search(r"\bне\s*$", own_words[: noun.start()]):
+        if noun and not _hit(lx.ENDS_WITH_NOT, own_words[: noun.start()]):
             strong = True
         if m.has(lx.OWNER_CLAIM) and _hit(lx.OWNER_CLAIM, own_words):
             weak = True
@@ -530,7 +510,7 @@ def _events(msgs: Sequence[_Msg]) -> list[_Event]:
             kinds.append("closed")
         if m.lost:  # last: within one message a refusal wins
             kinds.append("lost")
-        events.extend(_Event(index=i, kind=kind, quote=m.quote()) for kind in kinds)
+        events.extend(_Event(kind=kind, quote=m.quote()) for kind in kinds)
     return events
 
 
@@ -554,32 +534,36 @@ def _answers_price(msgs: Sequence[_Msg], i: int) -> bool:
     return offer is not None and offer.index >= i - 2 and offer.has(lx.PRICE_TALK)
 
 
+def _not_a_fit(msgs: Sequence[_Msg], niche: _Niche, budget: _Money | None) -> _Stage | None:
+    """not_qualified for who the contact is (not for refusing to answer)."""
+    if niche.niche == "targetologist":
+        return _Stage(stage="not_qualified", why="targetologist", quote=niche.evidence)
+    if niche.job_seeker:
+        return _Stage(stage="not_qualified", why="job_seeker", quote=niche.evidence)
+    if niche.not_business:
+        return _Stage(stage="not_qualified", why="not_business", quote=None)
+    if budget is not None and budget.usd < lx.TOO_SMALL_USD:
+        return _Stage(stage="not_qualified", why="too_small", quote=budget.phrase)
+    declined = next((m for m in msgs if m.from_me and m.has(lx.NOT_FIT_MANAGER)), None)
+    if declined is not None:
+        return _Stage(stage="not_qualified", why="manager_not_fit", quote=declined.quote())
+    return None
+
+
 def _stage(
     msgs: Sequence[_Msg], niche: _Niche, is_owner: bool | None, budget: _Money | None
 ) -> _Stage:
+    """Events first (a booking or a deal outweighs who the contact is), then fit, an
+    explicit refusal, silence after "дорого", and finally how much is qualified."""
     client = [m for m in msgs if not m.from_me]
     if not client:
         return _Stage(stage="new_lead", why="no_client", quote=None)
     last = _walk(_events(msgs))
     if last is not None and last.kind != "lost":
         return _Stage(stage=_EVENT_STAGE[last.kind], why=last.kind, quote=last.quote)
-    declined = next((m for m in msgs if m.from_me and m.has(lx.NOT_FIT_MANAGER)), None)
-    too_small = budget is not None and budget.usd < lx.TOO_SMALL_USD
-    unfit = (
-        ("targetologist", niche.evidence)
-        if niche.niche == "targetologist"
-        else ("job_seeker", niche.evidence)
-        if niche.job_seeker
-        else ("not_business", None)
-        if niche.not_business
-        else ("too_small", budget.phrase if budget else None)
-        if too_small
-        else ("manager_not_fit", declined.quote())
-        if declined is not None
-        else None
-    )
+    unfit = _not_a_fit(msgs, niche, budget)
     if unfit is not None:
-        return _Stage(stage="not_qualified", why=unfit[0], quote=unfit[1])
+        return unfit
     if last is not None:
         return _Stage(stage="deal_lost", why="lost", quote=last.quote)
     refusal = next((m for m in client if m.has(lx.REFUSAL)), None)
@@ -668,67 +652,72 @@ def _action(msgs: Sequence[_Msg], stage: FunnelStage, niche: _Niche) -> Action:
     return "none"
 
 
-_NEXT: dict[str, tuple[str, str]] = {
-    "ask_business": (
-        "Здравствуйте! Расскажите, пожалуйста, чем занимается ваш бизнес и какую задачу "
-        "хотите решить рекламой?",
-        "Hello! Could you tell me a bit about your business and what you want advertising "
-        "to achieve?",
-    ),
-    "ask_owner": (
-        "Подскажите, пожалуйста, вы владелец бизнеса или отвечаете за маркетинг?",
-        "Could you tell me whether you own the business or are responsible for marketing?",
-    ),
-    "ask_budget": (
-        "Какой бюджет на рекламу в месяц вы рассматриваете?",
-        "What monthly advertising budget are you considering?",
-    ),
-    "qualified": (
-        "Предлагаю короткий созвон на 20 минут: покажу кейсы и стратегию под ваши задачи. "
-        "Когда вам удобно?",
-        "Shall we have a short 20-minute call? I'll show relevant cases and a strategy for "
-        "you. When suits you?",
-    ),
-    "consultation_booked": (
-        "Напоминаю о нашей встрече, ссылку пришлю заранее. Если время изменится — напишите, "
-        "пожалуйста.",
-        "Just a reminder about our meeting; I'll send the link beforehand. Let me know if "
-        "the time changes.",
-    ),
-    "consultation_completed": (
-        "Спасибо за встречу! Подготовили предложение по итогам — когда удобно обсудить "
-        "следующий шаг?",
-        "Thanks for the meeting! We've prepared a proposal based on it — when can we discuss "
-        "the next step?",
-    ),
-    "deal_closed": (
-        "Спасибо за оплату! Пришлите, пожалуйста, доступы к рекламным кабинетам, и мы начнём "
-        "запуск.",
-        "Thank you for the payment! Please share access to your ad accounts and we'll start "
-        "the launch.",
-    ),
-    "deal_lost": (
-        "Спасибо, что сообщили! Если ситуация изменится — будем рады помочь, пишите в любое время.",
-        "Thanks for letting us know! If anything changes, we'll be glad to help — write any time.",
-    ),
-    "not_fit": (
-        "Спасибо за интерес! Сейчас не можем предложить сотрудничество, но сохраним ваш контакт.",
-        "Thank you for your interest! We can't offer cooperation right now, but we'll keep "
-        "your contact.",
-    ),
-    "refused": (
-        "Понимаю. Чтобы назвать точную стоимость, нам важно понять задачу — можно задать "
-        "пару коротких вопросов?",
-        "I understand. To give an exact price we need to understand the task — may I ask a "
-        "couple of short questions?",
-    ),
-    "too_small": (
-        "Спасибо! С таким бюджетом реклама вряд ли окупится; когда будете готовы вложить "
-        "больше — напишите, посчитаем.",
-        "Thank you! With this budget ads are unlikely to pay off; when you're ready to "
-        "invest more, write and we'll plan it.",
-    ),
-}
+_NEXT: Mapping[str, tuple[str, str]] = MappingProxyType(
+    {
+        "ask_business": (
+            "Здравствуйте! Расскажите, пожалуйста, чем занимается ваш бизнес и какую задачу "
+            "хотите решить рекламой?",
+            "Hello! Could you tell me a bit about your business and what you want advertising "
+            "to achieve?",
+        ),
+        "ask_owner": (
+            "Подскажите, пожалуйста, вы владелец бизнеса или отвечаете за маркетинг?",
+            "Could you tell me whether you own the business or are responsible for marketing?",
+        ),
+        "ask_budget": (
+            "Какой бюджет на рекламу в месяц вы рассматриваете?",
+            "What monthly advertising budget are you considering?",
+        ),
+        "qualified": (
+            "Предлагаю короткий созвон на 20 минут: покажу кейсы и стратегию под ваши задачи. "
+            "Когда вам удобно?",
+            "Shall we have a short 20-minute call? I'll show relevant cases and a strategy for "
+            "you. When suits you?",
+        ),
+        "consultation_booked": (
+            "Напоминаю о нашей встрече, ссылку пришлю заранее. Если время изменится — напишите, "
+            "пожалуйста.",
+            "Just a reminder about our meeting; I'll send the link beforehand. Let me know if "
+            "the time changes.",
+        ),
+        "consultation_completed": (
+            "Спасибо за встречу! Подготовили предложение по итогам — когда удобно обсудить "
+            "следующий шаг?",
+            "Thanks for the meeting! We've prepared a proposal based on it — when can we discuss "
+            "the next step?",
+        ),
+        "deal_closed": (
+            "Спасибо за оплату! Пришлите, пожалуйста, доступы к рекламным кабинетам, и мы начнём "
+            "запуск.",
+            "Thank you for the payment! Please share access to your ad accounts and we'll start "
+            "the launch.",
+        ),
+        "deal_lost": (
+            "Спасибо, что сообщили! Если ситуация изменится — будем рады помочь, пишите в любое "
+            "время.",
+            "Thanks for letting us know! If anything changes, we'll be glad to help — write any "
+            "time.",
+        ),
+        "not_fit": (
+            "Спасибо за интерес! Сейчас не можем предложить сотрудничество, но сохраним ваш "
+            "контакт.",
+            "Thank you for your interest! We can't offer cooperation right now, but we'll keep "
+            "your contact.",
+        ),
+        "refused": (
+            "Понимаю. Чтобы назвать точную стоимость, нам важно понять задачу — можно задать "
+            "пару коротких вопросов?",
+            "I understand. To give an exact price we need to understand the task — may I ask a "
+            "couple of short questions?",
+        ),
+        "too_small": (
+            "Спасибо! С таким бюджетом реклама вряд ли окупится; когда будете готовы вложить "
+            "больше — напишите, посчитаем.",
+            "Thank you! With this budget ads are unlikely to pay off; when you're ready to "
+            "invest more, write and we'll plan it.",
+        ),
+    }
+)
 
 
 def _next_message(stage: _Stage, niche: _Niche, is_owner: bool | None, lang: Lang) -> str:
@@ -742,52 +731,57 @@ def _next_message(stage: _Stage, niche: _Niche, is_owner: bool | None, lang: Lan
     return _NEXT[stage.stage][pick]
 
 
-_WHY: dict[str, tuple[str, str]] = {
-    "no_client": (
-        "Клиент ещё ничего не написал, поэтому это новый лид.",
-        "The contact has not written anything yet, so this is a new lead.",
-    ),
-    "booked": ("Согласованы конкретные дата/время встречи", "A concrete meeting slot was agreed"),
-    "completed": (
-        "Консультация уже состоялась (есть сообщения после встречи)",
-        "The consultation already took place (messages follow it up)",
-    ),
-    "closed": (
-        "Есть подтверждение оплаты или подписания договора",
-        "Payment or a signed contract was confirmed",
-    ),
-    "lost": (
-        "Клиент явно отказался, отменил или выбрал другого подрядчика",
-        "The client explicitly declined, cancelled or chose another contractor",
-    ),
-    "silent_after_price": (
-        "После возражения по цене клиент перестал отвечать",
-        "The client stopped answering after a price objection",
-    ),
-    "targetologist": (
-        "Контакт — таргетолог/SMM-специалист: предлагает услуги или ищет работу, а не рекламу",
-        "The contact is a targetologist/SMM specialist offering services or seeking work",
-    ),
-    "job_seeker": ("Контакт ищет работу, а не рекламу", "The contact is looking for a job"),
-    "not_business": ("Запрос не от бизнеса", "The request does not come from a business"),
-    "too_small": ("Бюджет слишком мал для работы", "The budget is far too small"),
-    "manager_not_fit": (
-        "Менеджер ответил, что контакт не подходит",
-        "The manager replied that the contact is not a fit",
-    ),
-    "refused": (
-        "Клиент отказался отвечать на квалифицирующие вопросы",
-        "The client refused to answer the qualifying questions",
-    ),
-    "qualified": (
-        "Известны ниша, роль и бюджет, клиент проявляет интерес, но встреча не назначена",
-        "Niche, role and budget are known and the client is interested, but no meeting is set",
-    ),
-    "new_lead": (
-        "Квалификация не завершена: известно не всё из ниши, роли и бюджета",
-        "Qualification is not complete: niche, role or budget is still unknown",
-    ),
-}
+_WHY: Mapping[str, tuple[str, str]] = MappingProxyType(
+    {
+        "no_client": (
+            "Клиент ещё ничего не написал, поэтому это новый лид.",
+            "The contact has not written anything yet, so this is a new lead.",
+        ),
+        "booked": (
+            "Согласованы конкретные дата/время встречи",
+            "A concrete meeting slot was agreed",
+        ),
+        "completed": (
+            "Консультация уже состоялась (есть сообщения после встречи)",
+            "The consultation already took place (messages follow it up)",
+        ),
+        "closed": (
+            "Есть подтверждение оплаты или подписания договора",
+            "Payment or a signed contract was confirmed",
+        ),
+        "lost": (
+            "Клиент явно отказался, отменил или выбрал другого подрядчика",
+            "The client explicitly declined, cancelled or chose another contractor",
+        ),
+        "silent_after_price": (
+            "После возражения по цене клиент перестал отвечать",
+            "The client stopped answering after a price objection",
+        ),
+        "targetologist": (
+            "Контакт — таргетолог/SMM-специалист: предлагает услуги или ищет работу, а не рекламу",
+            "The contact is a targetologist/SMM specialist offering services or seeking work",
+        ),
+        "job_seeker": ("Контакт ищет работу, а не рекламу", "The contact is looking for a job"),
+        "not_business": ("Запрос не от бизнеса", "The request does not come from a business"),
+        "too_small": ("Бюджет слишком мал для работы", "The budget is far too small"),
+        "manager_not_fit": (
+            "Менеджер ответил, что контакт не подходит",
+            "The manager replied that the contact is not a fit",
+        ),
+        "refused": (
+            "Клиент отказался отвечать на квалифицирующие вопросы",
+            "The client refused to answer the qualifying questions",
+        ),
+        "qualified": (
+            "Известны ниша, роль и бюджет, клиент проявляет интерес, но встреча не назначена",
+            "Niche, role and budget are known and the client is interested, but no meeting is set",
+        ),
+        "new_lead": (
+            "Квалификация не завершена: известно не всё из ниши, роли и бюджета",
+            "Qualification is not complete: niche, role or budget is still unknown",
+        ),
+    }
+)
 
 
 def _reasoning(

@@ -8,7 +8,8 @@ import, never mutated.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import Final, NamedTuple, TypeAlias
 
 
@@ -359,7 +360,9 @@ TARGETOLOGIST_SELF: Final = _g(
     r"\bfreelance (media ?buyer|targetologist|smm|marketer|ads)",
     r"закончил\w* курсы? по (таргет|smm|смм|рекламе)",
 )
-TARGETOLOGIST_OFFER: Final = _rx(
+TARGETOLOGIST_OFFER: Final = _g(
+    "предложить|субподряд|нужн|нужен|в команду|возьмете|портфолио|тестовое|ищу|стажировк|"
+    "test task|outsourc|looking for|internship|portfolio",
     r"предложить (свои )?(услуги|сотрудничество)|субподряд",
     r"нужн\w* ли вам (подрядчик|специалист|таргетолог)",
     r"нужен (ли )?(вам )?(специалист|таргетолог)|в команду\?|возьмете|портфолио|тестовое",
@@ -375,12 +378,15 @@ FREELANCE: Final = re.compile(r"фриланс|аутсорс|freelanc")
 MARKETING_WORDS: Final = re.compile(
     r"таргет|smm|смм|реклам|маркет|media ?buy|ads\b|контент|трафик|лидоген|lead ?gen"
 )
-JOB_SEEKER: Final = _rx(
+JOB_SEEKER: Final = _g(
+    "ваканси|резюме|ищу|стажировк|возьмете|resume|cv|looking for|job|hiring",
     r"вакансi|ваканси|резюме|ищу (работу|подработку|стажировку)|стажировк",
     r"возьмете (меня|на работу)",
     r"\b(resume|cv)\b|looking for (a )?(job|work)|job opening|are you hiring",
 )
-NOT_BUSINESS: Final = _rx(
+NOT_BUSINESS: Final = _g(
+    "не бизнес|не для бизнеса|для себя|личн|частное лицо|подписчик|not a business|personal|"
+    "followers",
     r"не бизнес|не для бизнеса|для себя|личн\w* (страниц|блог|аккаунт)|частное лицо",
     r"больше подписчиков|not a business|personal (page|account|profile)|more followers",
 )
@@ -424,7 +430,12 @@ NOT_OWNER_FOLLOWERS: Final = re.compile(
     r"(мой|моя|мое|мои|свой|своя|свое)\s+(руководител|начальни|директор|босс|шеф|клиент"
     r"|работодател|заказчик)"
 )
-HAS_MY: Final = re.compile(r"\b(у меня|менде|у мене)\b")
+# "не владелец": the noun right after "не" is denied.
+ENDS_WITH_NOT: Final = re.compile(r"\bне\s*$")
+HAS_MY: Final = gated(
+    "меня|менде|мене",
+    re.compile(r"\b(у меня|менде|у мене)\b"),
+)
 MY_EXCLUDED: Final = re.compile(r"на ведении|у меня (клиент|заказчик|таргетолог|вопрос|опыт)")
 OWNER_NEGATION: Final = _g(
     "не мо|не владел|не собственни|не хозя|не основател|not|наемн|hired",
@@ -462,7 +473,8 @@ OWNER_QUESTION_2P: Final = _g(
     r"(owner|founder|creator|own|business|decision)",
     r"(clinic|school|business|course|company) (is )?yours\?|your own (business|company)",
 )
-OWNER_QUESTION_3P: Final = _rx(
+OWNER_QUESTION_3P: Final = _g(
+    "руководител|собственник|владел|директор|автор|expert|owner|принимает|за |by |who",
     r"(руководител\w*|собственник\w*|владел\w*|директор\w*|автор|expert|owner)\s*\?",
     r"принимает (руководител|собственник|владел|директор|автор)",
     r"(за|by) (собственник|владел|руководител|директор|автор|the owner|the expert)\w*",
@@ -519,23 +531,25 @@ WORD_MONEY: Final = re.compile(
     r"(?:\s*(?P<cur>руб\w*|тенге|тг|₸|₽|долл\w*))?"
     rf"{_PERIOD}"
 )
-WORD_VALUES: Final[dict[str, float]] = {
-    "сто": 100e3,
-    "двести": 200e3,
-    "триста": 300e3,
-    "четыреста": 400e3,
-    "пятьсот": 500e3,
-    "шестьсот": 600e3,
-    "семьсот": 700e3,
-    "восемьсот": 800e3,
-    "девятьсот": 900e3,
-    "пятьдесят": 50e3,
-    "сорок": 40e3,
-    "тридцать": 30e3,
-    "двадцать": 20e3,
-    "десять": 10e3,
-    "миллион": 1e6,
-}
+WORD_VALUES: Final[Mapping[str, float]] = MappingProxyType(
+    {
+        "сто": 100e3,
+        "двести": 200e3,
+        "триста": 300e3,
+        "четыреста": 400e3,
+        "пятьсот": 500e3,
+        "шестьсот": 600e3,
+        "семьсот": 700e3,
+        "восемьсот": 800e3,
+        "девятьсот": 900e3,
+        "пятьдесят": 50e3,
+        "сорок": 40e3,
+        "тридцать": 30e3,
+        "двадцать": 20e3,
+        "десять": 10e3,
+        "миллион": 1e6,
+    }
+)
 MONEY_HINT: Final = gated(
     "0|1|2|3|4|5|6|7|8|9|тысяч|миллион|лям|тыс", re.compile(r"\d|тысяч|миллион|лям|тыс")
 )
@@ -593,7 +607,7 @@ CURRENCY_USD: Final[tuple[tuple[str, float], ...]] = (
     ("rub", 0.011),
 )
 # An amount without a currency: roubles/tenge-sized in Russian dialogs, dollars in English.
-UNKNOWN_CURRENCY_USD: Final[dict[str, float]] = {"ru": 0.011, "en": 1.0}
+UNKNOWN_CURRENCY_USD: Final[Mapping[str, float]] = MappingProxyType({"ru": 0.011, "en": 1.0})
 TOO_SMALL_USD: Final = 150.0
 # Words right after a number that make it a count, not money ("5к подписчиков").
 NOT_MONEY_AFTER: Final = re.compile(
@@ -614,14 +628,17 @@ BUDGET_WORDS: Final = re.compile(
     r"|spend|\bads\b|advertis|marketing|ежемесячно|monthly|в месяц|в мес|/мес|per month|/mo"
     r"|a month|на старт|for a start|на запуск|могу|можем|готов|can do|can spend|планиру|думали"
 )
-BUDGET_QUESTION: Final = _rx(
+BUDGET_QUESTION: Final = _g(
+    "бюджет|budget|spend|сколько|сумм|объем|объём|вложени|инвестировать|how much",
     r"бюджет|budget|ad spend|advertising spend|\bspend\b",
     r"сколько.{0,40}(трат|вклад|влож|инвест|выдел|заклад|готов|направля|идет на|идёт на|обходит"
     r"|на рекламу|на продвижение|на трафик)",
     r"(какую|какая|какой|каков) (сумм|объем|объём)|сумм\w* (на|в месяц)|вложени|инвестировать",
     r"how much.{0,40}(ads|advertising|marketing|spend|invest)",
 )
-BUDGET_REFUSAL: Final = _rx(
+BUDGET_REFUSAL: Final = _g(
+    "не скажу|не знаю|не назову|не определ|не скажем|нет бюджета|без бюджета|know|not sure|"
+    "no budget",
     r"(бюджет|сумм)\w*.{0,15}не (скажу|знаю|назову|определ|скажем)|не (скажу|назову)",
     r"нет бюджета|без бюджета|не знаю,? (какой|сколько)|\bi don'?t know\b|not sure yet",
     r"no budget",
@@ -648,7 +665,8 @@ PAID_CLIENT: Final = _g(
     r"\bsigned (the )?(contract|agreement)|\bwe signed\b|\bi signed\b",
     r"transferred the (money|payment)",
 )
-PAID_MANAGER: Final = _rx(
+PAID_MANAGER: Final = _g(
+    "оплат|деньги|платеж|поступлени|аванс|получили|видим|договор подписан|payment",
     r"(оплат\w*|деньги|платеж\w*|поступлени\w*|предоплат\w*|аванс)\s+"
     r"(получил|пришл|поступил|видим|прошл|зачислен)",
     r"(получили|видим)\s+(вашу\s+)?(оплат|поступлени|деньги|платеж|предоплат)",
@@ -657,8 +675,8 @@ PAID_MANAGER: Final = _rx(
     r"thanks? (you )?for (the |your )?payment",
 )
 COMPLETED: Final = _g(
-    "спасибо|благодар|после|вчерашн|по итогам|прошл|был|договорились|обсудили|обсуждали|after|"
-    "thank|discussed|agreed|call|meeting|how did|созвонились|встретились|пообщались|we talked",
+    "встреч|созвон|звонок|звонк|консультац|время|разговор|беседу|беседы|демонстрац|zoom|"
+    "обсуждени|видеозвон|call|meeting|consultation|time|встретились|пообщались|we talked",
     r"(спасибо|благодар\w*)\s+(вам\s+)?(большое\s+)?за\s+(\S+\s+)?(встреч|созвон|звонок|консультац"
     r"|видеовстреч|время|разговор|беседу|демонстрац|zoom)",
     r"после\s+(\S+\s+)?(встреч|созвон|звонк|консультац|видеовстреч|разговор)",
@@ -721,7 +739,8 @@ BOOKING_CONFIRM: Final = _g(
     r"see you (on|at|then)|calendar invite",
     r"приглашение (придет|придёт|отправ)|ссылк\w* (пришлю|отправлю|скину|придет|придёт)",
 )
-BOOKING_REMINDER: Final = _rx(
+BOOKING_REMINDER: Final = _g(
+    "напомина|напомню|reminder|через|завтра|сегодня|подключаюсь|ссылка на|в силе|still on",
     r"(напомина\w*|напомню|reminder).{0,40}(встреч|созвон|звонок|консультац|call|meeting)",
     r"через (час|\d+ минут)\s+(встреча|созвон|звонок|консультация)",
     r"(встреча|созвон|видеовстреча) (завтра|сегодня)",
@@ -756,10 +775,11 @@ _COMPETITOR = (
     r"|(chose|signed with|found|hired) (another|a different)"
 )
 LOST_CLIENT: Final = _g(
-    "актуальн|интересн|не будем|отказ|откаж|передумал|отменя|отмена|решили|друг|подрядчик|нашли|"
-    "работаем|сами|штат|ourselves|in-house|found|signed|hired|going|gone|went|someone else|"
-    "somebody else|не пиш|не звон|не беспок|удалите|нет|no|decided|another|chose|pass|cancel|"
-    "stop|unsubscribe|too much|потянем|карман",
+    "актуальн|интересн|не будем|отказ|откаж|передумал|отменя|отмена|решили|выбрали|остаемся|"
+    "останемся|остаться|подписали|договорились|работать|уйдем|уходим|нашли|уже работаем|возьмем|"
+    "не пиш|не звон|не беспок|удалите|нет|no thank|no, thank|not interested|no longer|decided|"
+    "another|a different|someone else|somebody else|ourselves|in-house|pass|cancel|stop|"
+    "unsubscribe|too much|потянем|карман",
     r"\bне\s?актуальн|\bне\s?интересн|(пока\s+)?не будем\b|отказыва|откажемся|отказались|передумал",
     r"отменя(ем|ю)\b|\bотмена\b|решили (не |остаться|работать с друг|пойти к|выбрать друг)",
     _COMPETITOR,
@@ -776,14 +796,18 @@ LOST_CLIENT: Final = _g(
 RESCHEDULE: Final = re.compile(
     r"перенес|перенос|перенест|reschedul|другое время|another time|other time"
 )
-LOST_MANAGER: Final = _rx(
+LOST_MANAGER: Final = _g(
+    "жаль|передумаете|вернуться|отменяю|закрываю|sorry to hear|change your mind",
     r"жаль,? что (вы )?(решили|выбрали|отказ|не подошл|не получилось)",
     r"если передумаете|если захотите вернуться|отменяю (встречу|запись|созвон)",
     r"закрываю (вашу )?заявку|sorry to hear|if you change your mind",
 )
-PRICE_OBJECTION: Final = re.compile(
-    r"дорого|дороговато|слишком (дорог|много)|(для нас|для меня)?,? ?это слишком\b|не потянем"
-    r"|не по карману|expensive|too much|pricey|over our budget"
+PRICE_OBJECTION: Final = gated(
+    "дорог|слишком|потянем|карман|expensive|too much|pricey|over our budget",
+    re.compile(
+        r"дорого|дороговато|слишком (дорог|много)|(для нас|для меня)?,? ?это слишком\b|не потянем"
+        r"|не по карману|expensive|too much|pricey|over our budget"
+    ),
 )
 # "Дорого" said about these is about the agency's offer, not about past ads.
 PRICE_SUBJECT: Final = re.compile(r"прайс|цен[аыу]|стоимост|услуг|\bваш|\byour\b|price|\bfee")
@@ -792,7 +816,11 @@ PRICE_TALK: Final = re.compile(
     r"\d|стоимост|цен[аыу]|прайс|сопровожден|тариф|пакет|предложени|\bкп\b|счет|счёт|price|fee"
     r"|cost|proposal|offer|package"
 )
-NOT_FIT_MANAGER: Final = _rx(
+NOT_FIT_MANAGER: Final = _g(
+    "подрядчик|специалист|стажер|стажёр|сотрудник|таргетолог|ваканси|не набираем|"
+    "расширять команду|не привлекаем|с таким бюджетом|минимальный бюджет|работаем только|"
+    "не работаем|к сожалению|увы|work only|only work|work with|in-house|not hiring|"
+    "minimum budget",
     r"(подрядчик\w*|специалист\w*|стажер\w*|стажёр\w*|сотрудник\w*|таргетолог\w*)\s+"
     r"(сейчас |пока )?не (ищем|набираем|привлекаем|нужн)",
     r"вакансий (сейчас )?нет|ваканси\w* (уже )?закрыта|не набираем|расширять команду не",
@@ -802,7 +830,9 @@ NOT_FIT_MANAGER: Final = _rx(
     r"we work only with business|only work with business|we (don'?t|do not) work with",
     r"keep everything in-house|not hiring|minimum budget",
 )
-REFUSAL: Final = _rx(
+REFUSAL: Final = _g(
+    "не скажу|не назову|не буду|не хочу|не ваше дело|зачем вам|won|not going|not gonna|"
+    "none of your business|why do you need",
     r"не (скажу|назову)|не (буду|хочу) (ничего )?(такого )?(говорить|рассказывать|отвечать"
     r"|сообщать)",
     r"не ваше дело|зачем вам (это|эта|эти|знать)",
@@ -815,7 +845,10 @@ INSTAGRAM_URL: Final = gated(
     "instagr",
     re.compile(r"(?:https?://)?(?:www\.)?(?:instagram\.com|instagr\.am)/[a-z0-9_.]{2,30}/?"),
 )
-INSTAGRAM_CONTEXT: Final = re.compile(r"инст|insta|instagram|инстаграм|\big\b|инсту")
+INSTAGRAM_CONTEXT: Final = gated(
+    "инст|insta|ig",
+    re.compile(r"инст|insta|instagram|инстаграм|\big\b|инсту"),
+)
 HANDLE: Final = re.compile(r"(?<![\w.@])@([A-Za-z0-9_.]{3,30})(?![\w@])")
 SALES_DEPT_NO: Final = _g(
     "продаж|sales",
@@ -830,13 +863,15 @@ SALES_DEPT_YES: Final = _g(
 SALES_DEPT_QUESTION: Final = re.compile(
     r"отдел продаж|sales (team|department)|кто обрабатывает|who handles"
 )
-ADS_NOW_NO: Final = _rx(
+ADS_NOW_NO: Final = _g(
+    "реклам|не запускал|только|not really|organic|only posting|no ads|run ads|haven",
     r"реклам\w* не (запуска|идет|идёт|крутим|ведем|ведём|давал)|не запускал|нет рекламы",
     r"рекламы нет|только (сарафан|органик|органика|авито|2гис|яндекс карт|инстаграм)",
     r"сейчас только органика",
     r"\bnot really\b|just organic|only organic|only posting|no ads|don'?t run ads|haven'?t run",
 )
-ADS_NOW_YES: Final = _rx(
+ADS_NOW_YES: Final = _g(
+    "крутим|запуска|ведет|ведёт|реклам|директ|таргет|we run|currently run|running|ads",
     r"крутим|запускаем|запускаю|ведет фрилансер|ведёт фрилансер|ведет таргетолог|ведёт таргетолог",
     r"реклама идет|реклама идёт|директ ведет|директ ведёт",
     r"сейчас (\S+\s+)?(таргет|директ|реклам)|реклам\w* у блогер|таргет вк|вк таргет|директ,",
@@ -846,7 +881,10 @@ ADS_NOW_YES: Final = _rx(
 ADS_QUESTION: Final = re.compile(r"реклам|таргет|продвиж|ads|advertis|paid promotion")
 
 # -- intent, objection, action ---------------------------------------------------------------
-AI_WORDS: Final = re.compile(r"\bии\b|\bai\b|нейросет|искусственн|chatgpt|gpt")
+AI_WORDS: Final = gated(
+    "ии|ai|нейросет|искусствен|gpt",
+    re.compile(r"\bии\b|\bai\b|нейросет|искусственн|chatgpt|gpt"),
+)
 TARGET_TOPIC: Final = re.compile(r"таргет|target|реклам|\bads\b")
 AUDIT_WORDS: Final = re.compile(
     r"аудит|анализ (рекламы|маркетинга|воронки)|разбор (рекламы|аккаунта)|audit"
@@ -856,9 +894,14 @@ WANT_CALL: Final = re.compile(
     r"|let'?s (talk|have a call)|talk next|обсудим"
 )
 # (pattern, in Russian, in English); the first found in the client's latest message wins.
-OBJECTIONS: Final[tuple[tuple[re.Pattern[str], str, str], ...]] = (
+OBJECTIONS: Final[tuple[tuple[Matcher, str, str], ...]] = (
     (
-        re.compile(rf"{_COMPETITOR}|другое предложение|ещ[её] одно предложение|another offer"),
+        gated(
+            "решили|выбрали|остаемся|останемся|остаться|подписали|договорились|работать|уйдем|"
+            "уходим|нашли|уже работаем|decided to go|gone with|go with|going with|went with|"
+            "chose|signed with|found|hired|другое предложение|одно предложение|another offer",
+            re.compile(rf"{_COMPETITOR}|другое предложение|ещ[её] одно предложение|another offer"),
+        ),
         "выбрали другое агентство",
         "chose another agency",
     ),
@@ -877,11 +920,16 @@ OBJECTIONS: Final[tuple[tuple[re.Pattern[str], str, str], ...]] = (
         "cancelled the plan",
     ),
     (
-        re.compile(
-            r"подумаю|подумаем|вернусь|вернемся|отложим|после (релиза|ремонта|праздник|запуска"
-            r"|отпуска)|в (следующем|другом) месяце|через \d+ недел|не сейчас|пока не готов"
-            r"|в (январе|феврале|марте|апреле|мае|июне|июле|августе|сентябре|октябре|ноябре"
-            r"|декабре)|next month|think (about it|a bit|it over)|not now|not ready yet"
+        gated(
+            "подума|вернусь|вернемся|отложим|после|месяце|недел|не сейчас|не готов|январе|феврале|"
+            "марте|апреле|мае|июне|июле|августе|сентябре|октябре|ноябре|декабре|next month|think|"
+            "not now|not ready",
+            re.compile(
+                r"подумаю|подумаем|вернусь|вернемся|отложим|после (релиза|ремонта|праздник|запуска"
+                r"|отпуска)|в (следующем|другом) месяце|через \d+ недел|не сейчас|пока не готов"
+                r"|в (январе|феврале|марте|апреле|мае|июне|июле|августе|сентябре|октябре|ноябре"
+                r"|декабре)|next month|think (about it|a bit|it over)|not now|not ready yet"
+            ),
         ),
         "отложили решение",
         "postponed the decision",

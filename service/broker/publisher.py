@@ -5,7 +5,10 @@ caller's events (persistent messages, mandatory routing, publisher confirms). Ea
 request calls it once; awaiting one confirm per request caps intake at a few hundred
 requests a second, so calls are group-committed: events that arrive while a flush is in
 flight wait and leave together in the next one, grouped into one message per shard.
-When nothing is in flight a flush starts at once, so an idle service adds no latency.
+When nothing is in flight a flush starts at once, so an idle service adds no latency;
+under load (the previous flush carried several requests) a flush waits `linger` (2 ms)
+first, which makes batches larger and AMQP messages per request fewer: each confirmed
+message costs the client and the broker far more CPU than an event inside it.
 
 The connection is robust (re-established and its channel restored by aio-pika after a
 drop), but the very first connect raises when the broker is down: then every publish
@@ -24,7 +27,7 @@ from typing import Any
 
 import aio_pika
 import msgspec
-from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.exceptions import DeliveryError, PublishError
 from loguru import logger
 from pamqp.commands import Basic
@@ -41,7 +44,14 @@ from service.broker.topology import Topology
 from service.config import Settings
 
 _event_encoder = msgspec.json.Encoder()
-_ENVELOPE_BYTES = len(encode_batch([]))  # `{"v":1,"events":[]}` around the events
+_PERSISTENT = 2  # AMQP delivery mode: written to disk by the broker
+# An EventBatch is assembled from events encoded once (their sizes decide the chunks):
+# `{"v":1,"events":[` + events joined by "," + `]}`, exactly what encode_batch writes.
+_BATCH_HEAD = encode_batch([]).removesuffix(b"]}")
+_BATCH_TAIL = b"]}"
+_ENVELOPE_BYTES = len(_BATCH_HEAD) + len(_BATCH_TAIL)
+# A flush that carried this many requests means the service is busy (see `linger`).
+_BUSY_BATCH = 8
 
 
 class BrokerUnavailableError(Exception):
@@ -71,6 +81,7 @@ class _Chunk:
 
     shard: int
     events: list[QueuedEvent] = field(default_factory=list)
+    parts: list[bytes] = field(default_factory=list)  # the events, JSON-encoded
     size: int = _ENVELOPE_BYTES
     requests: set[int] = field(default_factory=set)
 
@@ -85,7 +96,8 @@ class EventPublisher:
         max_batch_events: int = 500,
         max_batch_bytes: int = 1_000_000,
         max_flush_events: int = 2_000,
-        max_in_flight: int = 4,
+        max_in_flight: int = 2,
+        linger: float = 0.002,
         retry_interval: float = 1.0,
         connection_name: str = "crm-intake",
     ) -> None:
@@ -101,7 +113,6 @@ class EventPublisher:
         # Strong references: aio-pika restores only channels somebody still holds.
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
-        self._exchanges: dict[str, AbstractExchange] = {}
         self._connecting: asyncio.Task[AbstractRobustChannel] | None = None
         self._retry_at = 0.0
         self._last_error = "RabbitMQ not connected yet"
@@ -114,6 +125,8 @@ class EventPublisher:
         # publish by message id, so two in flight must never share one.
         self._pending_ids: set[str] = set()
         self._closed = False
+        self._linger = linger
+        self._last_batch = 0  # requests in the latest flush: a busy service lingers
         self.stats = PublishStats()
 
     # -- public API ----------------------------------------------------------------------
@@ -180,7 +193,6 @@ class EventPublisher:
                 await self._connection.close()
         self._connection = None
         self._channel = None
-        self._exchanges.clear()
 
     # -- group commit --------------------------------------------------------------------
     def _start_flush(self) -> None:
@@ -196,9 +208,14 @@ class EventPublisher:
 
     async def _flush(self) -> None:
         # Started on the next loop turn: every publish() of the current turn joins it.
-        self._flush_starting = False
         try:
+            if self._linger > 0 and self._last_batch >= _BUSY_BATCH:
+                # Busy: a moment's wait lets the batch grow, and per-message costs
+                # (client and broker) dominate intake under load. Idle: no wait at all.
+                await asyncio.sleep(self._linger)
+            self._flush_starting = False
             batch = self._take_batch()
+            self._last_batch = len(batch)
             # More waiting than one flush carries: the next flush may start right away.
             self._start_flush()
             if batch:
@@ -236,7 +253,8 @@ class EventPublisher:
                 chunk = placed.get(key)
                 if chunk is None:
                     shard = shard_for(event.instance, event.contact_key, shards)
-                    size = len(_event_encoder.encode(event)) + 1
+                    part = _event_encoder.encode(event)
+                    size = len(part) + 1
                     chunk = open_chunks.get(shard)
                     if chunk is None or (
                         chunk.events
@@ -248,12 +266,22 @@ class EventPublisher:
                         chunk = open_chunks[shard] = _Chunk(shard)
                         chunks.append(chunk)
                     chunk.events.append(event)
+                    chunk.parts.append(part)
                     chunk.size += size
                     placed[key] = chunk
                 chunk.requests.add(index)
         return chunks
 
     async def _send(self, batch: list[_Request]) -> None:
+        try:
+            await self._send_chunks(batch)
+        finally:
+            # Cancelled mid-flush (shutdown): nobody may wait forever.
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(BrokerUnavailableError("publish interrupted"))
+
+    async def _send_chunks(self, batch: list[_Request]) -> None:
         chunks = self._chunks(batch)
         results: list[BaseException | None]
         try:
@@ -294,7 +322,7 @@ class EventPublisher:
         await self._confirmed(
             self._topology.intake_exchange,
             shard_routing_key(chunk.shard),
-            encode_batch(chunk.events),
+            _BATCH_HEAD + b",".join(chunk.parts) + _BATCH_TAIL,
             headers,
             message_id,
         )
@@ -314,16 +342,19 @@ class EventPublisher:
             self._pending_ids.add(message_id)
         try:
             channel = await self._ready_channel()
-            exchange = await self._exchange(channel, exchange_name)
-            result = await exchange.publish(
-                aio_pika.Message(
-                    body,
-                    headers=headers,
+            # Straight to aiormq's channel (the one aio-pika wraps): aio-pika's Message and
+            # Exchange layers cost more CPU per publish than the frames themselves.
+            underlay = await channel.get_underlay_channel()
+            result = await underlay.basic_publish(
+                body,
+                exchange=exchange_name,
+                routing_key=routing_key,
+                properties=Basic.Properties(
                     content_type="application/json",
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    delivery_mode=_PERSISTENT,
+                    headers=headers,
                     message_id=message_id,
                 ),
-                routing_key=routing_key,
                 mandatory=True,
             )
         except BrokerUnavailableError as exc:
@@ -353,15 +384,6 @@ class EventPublisher:
         if not self._healthy:
             self._healthy = True
             logger.info("RabbitMQ publishing recovered")
-
-    async def _exchange(self, channel: AbstractRobustChannel, name: str) -> AbstractExchange:
-        exchange = self._exchanges.get(name)
-        if exchange is None:
-            # No round trip (ensure=False): a publish needs only the name, and a missing
-            # exchange shows up as a closed channel or a return.
-            exchange = await channel.get_exchange(name, ensure=False)
-            self._exchanges[name] = exchange
-        return exchange
 
     def _timed_out(self) -> BrokerUnavailableError:
         self._note_failure(f"no confirm within {self._timeout:g}s")
@@ -423,7 +445,6 @@ class EventPublisher:
             raise BrokerUnavailableError(self._last_error) from exc
         self._connection = connection
         self._channel = channel
-        self._exchanges.clear()
         self._healthy = True
         logger.info("connected to RabbitMQ for publishing")
         return channel

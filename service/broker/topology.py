@@ -5,8 +5,9 @@ Everything is named from AMQP_PREFIX (P) and QUEUE_SHARDS (N):
 - `P.intake` (direct) → quorum queues `P.contacts.<i>`, routing key `shard.<i>`; one
   single active consumer per shard, so one contact is handled by one process at a time.
 - `P.retry` (headers) → classic queues `P.retry.<t>`, one per RETRY_DELAYS tier, matched on
-  the `x-retry-tier` header (x-match `all-with-x`, RabbitMQ ≥ 3.10); each holds a message for its delay (TTL) and dead-letters it
-  back to `P.intake` under its own `shard.<i>` routing key.
+  the `x-retry-tier` header (x-match `all-with-x`, RabbitMQ >= 3.10); each holds a message
+  for its delay (TTL) and dead-letters it back to `P.intake` under its own `shard.<i>`
+  routing key.
 - `P.dlx` (fanout) → quorum queue `P.dead`: the dead-letter queue.
 - `P.events` (topic): outgoing notifications such as `lead.hot`.
 """

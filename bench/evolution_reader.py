@@ -33,6 +33,7 @@ from typing import Any
 
 import asyncpg
 
+from service.evolution.identity import phone_jid_sql
 from service.evolution.index import apply_index
 from service.evolution.reader import EvolutionReader
 from service.evolution.seed import create_instance, create_schema
@@ -144,6 +145,24 @@ async def _count_scan(dsn: str, name: str) -> float:
         await conn.close()
 
 
+async def _group_scan(dsn: str, name: str) -> float:
+    """Second baseline: the cheapest per-contact count (GROUP BY the phone expression, no
+    de-duplication, no LID mapping, no names) — what any contact list must pay."""
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(dsn, server_settings={"jit": "off"})
+    try:
+        await conn.execute("SET work_mem = '64MB'; SET max_parallel_workers_per_gather = 2")
+        jid = phone_jid_sql('m."key"')
+        started = time.perf_counter()
+        await conn.fetch(
+            f'SELECT {jid} AS jid, count(*) FROM "Message" m '
+            'JOIN "Instance" i ON i.id = m."instanceId" WHERE i.name = $1 GROUP BY 1',
+            name,
+        )
+        return time.perf_counter() - started
+    finally:
+        await conn.close()
+
+
 async def _select(reader: EvolutionReader, name: str) -> tuple[float, int, list[str]]:
     """Stream the whole contact list once: seconds, contacts, a few phones to sample."""
     started = time.perf_counter()
@@ -199,6 +218,7 @@ async def _bench(args: argparse.Namespace) -> int:
             small_s, small_n, _ = await _select(reader, small)
             rss_small = _rss_mib()
             count_s = min([await _count_scan(dsn, big) for _ in range(3)])
+            group_s = min([await _group_scan(dsn, big) for _ in range(2)])
             runs = [await _select(reader, big) for _ in range(args.runs)]
             rss_big = _rss_mib()
             select_s = statistics.median(run[0] for run in runs)
@@ -212,6 +232,10 @@ async def _bench(args: argparse.Namespace) -> int:
             print(
                 f"  baseline count(*) of the instance: {count_s:.2f} s -> "
                 f"selection / count(*) = {select_s / count_s:.1f}x"
+            )
+            print(
+                f"  baseline plain GROUP BY phone (no de-duplication): {group_s:.2f} s -> "
+                f"selection / GROUP BY = {select_s / group_s:.1f}x"
             )
             print(f"  250k-message instance: {small_n:,} contacts in {small_s:.2f} s")
             print(

@@ -37,6 +37,13 @@ def _json(status: int, payload: dict[str, Any]) -> web.Response:
     )
 
 
+def _too_large(limit: int) -> web.Response:
+    # Evolution retries a 413 for a long while: the error says what to change.
+    return _json(
+        413, {"ok": False, "error": f"body larger than {limit} bytes (WEBHOOK_MAX_BODY_BYTES)"}
+    )
+
+
 def _credentials(request: web.Request) -> WebhookCredentials:
     headers = request.headers
     # Parsing the query string costs more than this check; most calls carry none.
@@ -62,17 +69,16 @@ async def evolution_webhook(request: web.Request) -> web.Response:
         return _json(401, {"ok": False, "error": decision.reason})
 
     limit = ctx.settings.webhook_max_body_bytes
-    too_large = {"ok": False, "error": f"body larger than {limit} bytes"}
     if request.content_length is not None and request.content_length > limit:
         counter.labels(label, "too_large").inc()
         logger.info("webhook refused: body of {} bytes over the limit", request.content_length)
-        return _json(413, too_large)
+        return _too_large(limit)
     try:
         body = await request.read()  # also enforces the limit on chunked bodies
     except web.HTTPRequestEntityTooLarge:
         counter.labels(label, "too_large").inc()
         logger.info("webhook refused: chunked body over the limit")
-        return _json(413, too_large)
+        return _too_large(limit)
 
     outcome = parse_webhook(body, path_event)
     label = event_label(outcome.event)

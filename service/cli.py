@@ -374,6 +374,10 @@ async def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 async def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from service.demo import run_demo
 
+    # The lead table is the output here; per-contact log lines would bury it.
+    if settings.log_level in ("INFO", "TRACE"):
+        settings = msgspec.structs.replace(settings, log_level="WARNING")
+        setup_logging(settings)
     await run_demo(settings, speed=max(0.0, args.speed))
     return 0
 

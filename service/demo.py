@@ -80,18 +80,18 @@ def _with_database(dsn: str, name: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
 
 
-async def _fresh_evolution_db(settings: Settings) -> str:
+async def _fresh_evolution_db(settings: Settings, name: str) -> str:
     """A new, empty Evolution-shaped database next to the results database."""
     from service.evolution.seed import create_schema
 
     server = settings.results_database_url
     admin = await asyncpg.connect(_with_database(server, "postgres"))
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{DEMO_EVOLUTION_DB}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{DEMO_EVOLUTION_DB}"')
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    dsn = _with_database(server, DEMO_EVOLUTION_DB)
+    dsn = _with_database(server, name)
     await create_schema(dsn)
     conn = await asyncpg.connect(dsn)
     try:
@@ -107,7 +107,10 @@ async def _fresh_evolution_db(settings: Settings) -> str:
 
 
 async def run_demo(
-    settings: Settings, out: TextIO = sys.stdout, speed: float = 0.005
+    settings: Settings,
+    out: TextIO = sys.stdout,
+    speed: float = 0.005,
+    evolution_db: str = DEMO_EVOLUTION_DB,
 ) -> list[LeadRow]:
     """Run the demo; returns the leads it printed. `speed` = seconds between messages."""
     from aiohttp import web
@@ -122,7 +125,7 @@ async def run_demo(
         raise RuntimeError("the demo runs on local services: unset SUPABASE_URL for it")
     say = _printer(out)
     say("preparing a local Evolution database and the results tables ...")
-    evolution_dsn = await _fresh_evolution_db(settings)
+    evolution_dsn = await _fresh_evolution_db(settings, evolution_db)
     await apply_migrations(settings.results_database_url)
     webhook_token = settings.webhook_token or secrets.token_urlsafe(16)
     demo = msgspec.structs.replace(

@@ -329,8 +329,10 @@ async def _serve_until_stopped(settings: Settings, *, consume: bool, serve: bool
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    async with app_context(settings, publisher=serve) as ctx:
+    bridge_on = consume and bool(settings.evolution_amqp_exchange)
+    async with app_context(settings, publisher=serve or bridge_on) as ctx:
         consumer = None
+        bridge = None
         runner = None
         try:
             if consume:
@@ -338,6 +340,11 @@ async def _serve_until_stopped(settings: Settings, *, consume: bool, serve: bool
 
                 consumer = ContactConsumer(ctx)
                 await consumer.start(stop)
+            if bridge_on:
+                from consumers.evolution_bridge import EvolutionBridge
+
+                bridge = EvolutionBridge(ctx)
+                await bridge.start(stop)
             if serve:
                 from aiohttp import web
 
@@ -352,6 +359,8 @@ async def _serve_until_stopped(settings: Settings, *, consume: bool, serve: bool
                 logger.info("listening on http://{}:{}", settings.host, settings.port)
             await stop.wait()
         finally:
+            if bridge is not None:
+                await bridge.stop()
             if consumer is not None:
                 await consumer.stop()
             if runner is not None:

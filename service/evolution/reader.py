@@ -392,7 +392,8 @@ class EvolutionReader:
     ) -> tuple[Any, ...]:
         if limit is not None and limit < 0:
             raise ValueError("limit must not be negative")
-        since_unix = None if since is None else int(_aware(since).timestamp())
+        # "messageTimestamp" is a 32-bit integer column: keep the bound inside it.
+        since_unix = None if since is None else min(int(_aware(since).timestamp()), 2**31 - 1)
         return (instance, self._skipped, min_incoming, since_unix, limit, self._not_names)
 
     # -- dialog -----------------------------------------------------------------------

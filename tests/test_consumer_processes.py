@@ -260,6 +260,7 @@ async def test_two_consumer_processes_storm(settings: Settings) -> None:
         finally:
             for proc in procs:
                 stop_process(proc)
+            await delete_topology(s)
 
 
 def _phone_in(request: object, phones: list[str]) -> str | None:

@@ -196,6 +196,13 @@ def test_odd_stored_shapes_give_a_placeholder_not_an_error(message: Any) -> None
     assert isinstance(text, str) and text
 
 
+def test_lists_stored_as_other_values_are_ignored() -> None:
+    odd_contacts = {"contactsArrayMessage": {"contacts": True, "displayName": "2 contacts"}}
+    assert message_text(odd_contacts, "contactsArrayMessage") == "[contacts] 2 contacts"
+    odd_poll = {"pollCreationMessage": {"name": "Budget?", "options": 5}}
+    assert message_text(odd_poll, "pollCreationMessage") == "[poll] Budget?"
+
+
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
     lambda children: (

@@ -480,8 +480,10 @@ OWNER_QUESTION_3P: Final = _g(
     r"(за|by) (собственник|владел|руководител|директор|автор|the owner|the expert)\w*",
     r"who (makes|approves|signs|decides)",
 )
+# "Да", "Рустам. Да, ...": one optional leading word. Possessive quantifiers keep a long run
+# of punctuation from backtracking (it is both \W and \S).
 AFFIRMATIVE: Final = re.compile(
-    r"^\W*(\S+\W+)?(да|иә|ия|ага|угу|конечно|верно|так точно|точно|именно|ес|yes|yep|yeah|yup"
+    r"^\W*+(?:\w++\W++)?(да|иә|ия|ага|угу|конечно|верно|так точно|точно|именно|ес|yes|yep|yeah|yup"
     r"|sure|correct|of course|right)\b"
 )
 NEGATIVE_START: Final = re.compile(r"^\W*(нет|не|no|nope|not)\b")
@@ -648,7 +650,7 @@ RECAP_MARKERS: Final = re.compile(
     r"напомню|напоминаю|верно понимаю|правильно понимаю|уточню|\bвы\b|\bваш|you mentioned|to recap"
 )
 RECAP_CONFIRM: Final = re.compile(
-    r"^\W*(\S+\W+)?(да|верно|все верно|всё верно|так и есть|точно|именно|yes|correct|right)\b"
+    r"^\W*+(?:\w++\W++)?(да|верно|все верно|всё верно|так и есть|точно|именно|yes|correct|right)\b"
 )
 
 # -- funnel stage events ----------------------------------------------------------------------
@@ -749,7 +751,7 @@ BOOKING_REMINDER: Final = _g(
     r"сегодня в \d{1,2}[:.]\d{2}\s+(видеовстреча|встреча|созвон)",
 )
 AGREE: Final = re.compile(
-    r"^\W*(\S+\W+)?(да|ок|окей|ok|okay|давайте|давай|удобно|подходит|подойдет|хорошо|го|жарайды"
+    r"^\W*+(?:\w++\W++)?(да|ок|окей|ok|okay|давайте|давай|удобно|подходит|подойдет|хорошо|го|жарайды"
     r"|болады|отлично|yes|yep|sure|works|fine|great|perfect|sounds good|записывайте|договорились"
     r"|согласен|согласна|идет|идёт|норм|можно|супер|ага|конечно|без проблем|no problem|of course"
     r"|absolutely|deal)\b"

@@ -68,6 +68,11 @@ def _get(obj: Any, *path: str) -> Any:
     return obj
 
 
+def _items(value: Any) -> list[Any]:
+    """A stored list, or nothing when the field holds something else."""
+    return value if isinstance(value, list) else []
+
+
 def _join(*parts: str | None) -> str | None:
     kept = [p for p in parts if p]
     return " ".join(kept) if kept else None
@@ -160,7 +165,7 @@ def _typed_text(message: Mapping[str, Any]) -> str | None:
     if isinstance(contacts, Mapping):
         names = [
             _s(c.get("displayName"))
-            for c in contacts.get("contacts") or []
+            for c in _items(contacts.get("contacts"))
             if isinstance(c, Mapping)
         ]
         return _join(
@@ -170,7 +175,9 @@ def _typed_text(message: Mapping[str, Any]) -> str | None:
         poll = message.get(poll_key)
         if isinstance(poll, Mapping):
             options = [
-                _s(o.get("optionName")) for o in poll.get("options") or [] if isinstance(o, Mapping)
+                _s(o.get("optionName"))
+                for o in _items(poll.get("options"))
+                if isinstance(o, Mapping)
             ]
             opts = " / ".join(o for o in options if o)
             return _join("[poll]", _s(poll.get("name")), f"({opts})" if opts else None)

@@ -93,20 +93,6 @@ def describe_dsn(dsn: str) -> str:
 class _Sql:
     """SQL fragments shared by the queries, for one schema."""
 
-    def phone_is(self, param: str) -> str:
-        """`phone JID = param`, as the contact index's condition plus a cheap pre-check.
-
-        Without the index every row is tested: the pre-check (is remoteJid exactly the
-        phone JID, or not a plain phone JID at all?) reads remoteJid once and leaves the
-        full expression to the few rows that need it.
-        """
-        rj = "m.\"key\"->>'remoteJid'"
-        maybe = (
-            f"COALESCE({rj} = {param} OR {rj} NOT LIKE '%{PHONE_SUFFIX}'"
-            f" OR strpos({rj}, ':') > 0 OR ascii({rj}) NOT BETWEEN 48 AND 57, true)"
-        )
-        return f"({maybe} AND {self.phone} = {param})"
-
     def __init__(self, schema: str) -> None:
         quoted = quote_ident(schema)
         self.message = f'{quoted}."Message"'
@@ -121,6 +107,20 @@ class _Sql:
             " AND m.status IS DISTINCT FROM 'DELETED'"
         )
         self.instance_id = f"(SELECT i.id FROM {self.instance} i WHERE i.name = $1 LIMIT 1)"  # noqa: S608
+
+    def phone_is(self, param: str) -> str:
+        """`phone JID = param`, as the contact index's condition plus a cheap pre-check.
+
+        Without the index every row of the instance is tested: the pre-check (is remoteJid
+        exactly this phone JID, or not a plain phone JID at all?) looks at remoteJid only
+        and leaves the full expression to the few rows that need it.
+        """
+        rj = "m.\"key\"->>'remoteJid'"
+        maybe = (
+            f"COALESCE({rj} = {param} OR {rj} NOT LIKE '%{PHONE_SUFFIX}'"
+            f" OR strpos({rj}, ':') > 0 OR ascii({rj}) NOT BETWEEN 48 AND 57, true)"
+        )
+        return f"({maybe} AND {self.phone} = {param})"
 
 
 def contacts_sql(schema: str) -> str:

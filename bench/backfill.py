@@ -25,12 +25,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.evolution_reader import _dsn, _generate
+from bench._databases import create_database, drop_database
+from bench._databases import dsn as _dsn
+from bench.evolution_reader import _generate
 from service.app import app_context
 from service.backfill import BackfillOptions, BackfillStats, run_backfill
 from service.config import load_settings
@@ -62,29 +63,13 @@ def _serve_fake(latency: float, port_queue: Any) -> None:
     asyncio.run(run())
 
 
-async def _create_db(name: str) -> None:
-    conn = await asyncpg.connect(_dsn("postgres"))
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-
-
-async def _drop_db(name: str) -> None:
-    conn = await asyncpg.connect(_dsn("postgres"))
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
 async def _bench(args: argparse.Namespace, base_url: str) -> int:
     from service.evolution.seed import create_schema
 
     suffix = secrets.token_hex(4)
     evo_name, res_name = f"bench_bf_evo_{suffix}", f"bench_bf_res_{suffix}"
-    await _create_db(evo_name)
-    await _create_db(res_name)
+    await create_database(evo_name)
+    await create_database(res_name)
     try:
         await create_schema(_dsn(evo_name))
         started = time.perf_counter()
@@ -156,8 +141,8 @@ async def _bench(args: argparse.Namespace, base_url: str) -> int:
             )
         return 0 if stats.errors == 0 else 1
     finally:
-        await _drop_db(evo_name)
-        await _drop_db(res_name)
+        await drop_database(evo_name)
+        await drop_database(res_name)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

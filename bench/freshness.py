@@ -30,24 +30,9 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.evolution_reader import _dsn
+from bench._databases import create_database, drop_database
+from bench._databases import dsn as _dsn
 from service.config import load_settings
-
-
-async def _create_db(name: str) -> None:
-    conn = await asyncpg.connect(_dsn("postgres"))
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-
-
-async def _drop_db(name: str) -> None:
-    conn = await asyncpg.connect(_dsn("postgres"))
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
 
 
 def _body(phone: str, text: str, ts: int, msg_id: str) -> dict[str, Any]:
@@ -81,8 +66,8 @@ async def _bench(args: argparse.Namespace) -> int:
 
     suffix = secrets.token_hex(4)
     evo, res = f"bench_fr_evo_{suffix}", f"bench_fr_res_{suffix}"
-    await _create_db(evo)
-    await _create_db(res)
+    await create_database(evo)
+    await create_database(res)
     answer = msgspec.structs.replace(empty_facts("qualified"), niche="medicine", is_owner=True)
     settings = None
     try:
@@ -176,8 +161,8 @@ async def _bench(args: argparse.Namespace) -> int:
     finally:
         if settings is not None:
             await delete_topology(settings)
-        await _drop_db(evo)
-        await _drop_db(res)
+        await drop_database(evo)
+        await drop_database(res)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -38,6 +38,7 @@ from service.broker.envelope import (
     QueuedEvent,
     decode_batch,
     encode_batch,
+    header_int,
     shard_for,
     shard_routing_key,
 )
@@ -166,7 +167,7 @@ class ContactConsumer:
         if self._stopping:
             return  # not acked: returned to the queue when the channel closes
         headers = dict(message.headers or {})
-        attempt = _int(headers.get(H_ATTEMPT))
+        attempt = header_int(headers.get(H_ATTEMPT))
         try:
             batch = decode_batch(message.body)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -411,19 +412,6 @@ def _push_name(events: list[QueuedEvent]) -> str | None:
         if not event.from_me and event.push_name:
             return event.push_name
     return None
-
-
-def _int(value: object) -> int:
-    if isinstance(value, bool):
-        return 0
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str | bytes):
-        try:
-            return int(value)
-        except ValueError:
-            return 0
-    return 0
 
 
 async def _ack(message: AbstractIncomingMessage) -> None:

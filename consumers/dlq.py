@@ -14,6 +14,7 @@ from service.broker.envelope import (
     H_ERROR,
     H_IDEMPOTENCY_KEYS,
     decode_batch,
+    header_int,
     shard_for,
     shard_routing_key,
 )
@@ -48,7 +49,7 @@ def _describe(position: int, message: AbstractIncomingMessage) -> DeadLetter:
         return DeadLetter(
             position=position,
             error=str(error) if error is not None else None,
-            attempts=_int(headers.get(H_ATTEMPT)),
+            attempts=header_int(headers.get(H_ATTEMPT)),
             decodable=False,
             events=0,
             instances=[],
@@ -58,7 +59,7 @@ def _describe(position: int, message: AbstractIncomingMessage) -> DeadLetter:
     return DeadLetter(
         position=position,
         error=str(error) if error is not None else _death_reason(headers),
-        attempts=_int(headers.get(H_ATTEMPT)),
+        attempts=header_int(headers.get(H_ATTEMPT)),
         decodable=True,
         events=len(batch.events),
         instances=sorted({e.instance for e in batch.events}),
@@ -73,19 +74,6 @@ def _death_reason(headers: dict[str, Any]) -> str | None:
     if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
         return f"broker: {deaths[0].get('reason')}"
     return None
-
-
-def _int(value: object) -> int:
-    if isinstance(value, bool):
-        return 0
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str | bytes):
-        try:
-            return int(value)
-        except ValueError:
-            return 0
-    return 0
 
 
 async def list_dead(settings: Settings, limit: int = 100) -> tuple[int, list[DeadLetter]]:

@@ -51,7 +51,7 @@ async def load_evolution_schema(dsn: str, schema: str = "public") -> None:
     try:
         if schema != "public":
             await conn.execute(f'CREATE SCHEMA "{schema}"; SET search_path TO "{schema}"')
-        await conn.execute((DATA / "evolution_schema.sql").read_text())
+        await conn.execute((ROOT / "service" / "evolution" / "schema.sql").read_text())
     finally:
         await conn.close()
 
@@ -118,6 +118,30 @@ def dialogs() -> list[dict[str, Any]]:
 @pytest.fixture(scope="session")
 def webhook_bodies() -> dict[str, dict[str, Any]]:
     return {p.stem: json.loads(p.read_text()) for p in sorted((DATA / "webhooks").glob("*.json"))}
+
+
+@pytest.fixture
+async def service_settings(
+    evolution_dsn: str, results_dsn: str, amqp_url: str, amqp_prefix: str, account: uuid.UUID
+) -> AsyncIterator[Any]:
+    """Settings of a whole service under test: fresh databases, own queues, the test
+    instance stored in Evolution and mapped to `account`, the topology declared."""
+    from tests.harness import (
+        declare_topology,
+        delete_topology,
+        ensure_instance_row,
+        make_settings,
+        map_instance,
+    )
+
+    settings = make_settings(
+        evolution_dsn=evolution_dsn, results_dsn=results_dsn, amqp_url=amqp_url, prefix=amqp_prefix
+    )
+    await ensure_instance_row(settings)
+    await map_instance(settings, account)
+    await declare_topology(settings)
+    yield settings
+    await delete_topology(settings)
 
 
 @pytest.fixture

@@ -196,6 +196,16 @@ async def queue_depth(settings: Settings, include_unacked: bool = True) -> int:
         await connection.close()
 
 
+async def declare_topology(settings: Settings) -> None:
+    from service.broker.topology import Topology
+
+    connection = await aio_pika.connect(settings.amqp_url)
+    try:
+        await Topology(settings).declare(await connection.channel())
+    finally:
+        await connection.close()
+
+
 async def delete_topology(settings: Settings) -> None:
     """Remove every exchange and queue a test declared (prefix is unique per test)."""
     from service.broker.topology import Topology

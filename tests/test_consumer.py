@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
@@ -16,10 +14,6 @@ from service.analyzers.rules import RulesAnalyzer
 from service.config import Settings
 from service.domain.dialog import Dialog
 from tests.harness import (
-    delete_topology,
-    ensure_instance_row,
-    make_settings,
-    map_instance,
     message_body,
     running_service,
 )
@@ -54,16 +48,8 @@ class CountingAnalyzer:
 
 
 @pytest.fixture
-async def settings(
-    evolution_dsn: str, results_dsn: str, amqp_url: str, amqp_prefix: str, account: uuid.UUID
-) -> AsyncIterator[Settings]:
-    s = make_settings(
-        evolution_dsn=evolution_dsn, results_dsn=results_dsn, amqp_url=amqp_url, prefix=amqp_prefix
-    )
-    await ensure_instance_row(s)
-    await map_instance(s, account)
-    yield s
-    await delete_topology(s)
+def settings(service_settings: Settings) -> Settings:
+    return service_settings
 
 
 async def test_sample_webhooks_become_rows(

@@ -7,8 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aio_pika
@@ -18,10 +16,8 @@ import pytest
 from service.broker.topology import Topology
 from service.config import Settings
 from tests.harness import (
+    declare_topology,
     delete_topology,
-    ensure_instance_row,
-    make_settings,
-    map_instance,
     message_body,
     running_service,
     settings_env,
@@ -32,25 +28,8 @@ ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture
-async def settings(
-    evolution_dsn: str, results_dsn: str, amqp_url: str, amqp_prefix: str, account: uuid.UUID
-) -> AsyncIterator[Settings]:
-    s = make_settings(
-        evolution_dsn=evolution_dsn, results_dsn=results_dsn, amqp_url=amqp_url, prefix=amqp_prefix
-    )
-    await ensure_instance_row(s)
-    await map_instance(s, account)
-    await declare_topology(s)
-    yield s
-    await delete_topology(s)
-
-
-async def declare_topology(settings: Settings) -> None:
-    connection = await aio_pika.connect(settings.amqp_url)
-    try:
-        await Topology(settings).declare(await connection.channel())
-    finally:
-        await connection.close()
+def settings(service_settings: Settings) -> Settings:
+    return service_settings
 
 
 def start_consumer(settings: Settings, **overrides: str) -> subprocess.Popen[bytes]:

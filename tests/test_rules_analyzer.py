@@ -15,6 +15,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.analyzers import rules_lexicon as lx
 from service.analyzers.base import AnalysisResult
@@ -732,3 +734,92 @@ def test_instagram_link_and_sales_team(analyzer: RulesAnalyzer) -> None:
 def test_no_instagram_without_context(analyzer: RulesAnalyzer) -> None:
     facts = facts_of(analyzer, [("C", "Пишите на почту clinic@mail.ru, телеграм @clinic_bot")])
     assert facts.instagram_url is None
+
+
+# -- robustness -----------------------------------------------------------------------------
+
+_VOCABULARY = [
+    "я",
+    "владелец",
+    "не",
+    "клиника",
+    "стоматология",
+    "онлайн-школа",
+    "таргетолог",
+    "бюджет",
+    "200к",
+    "$1000",
+    "150-200",
+    "тыс",
+    "тенге",
+    "завтра",
+    "в",
+    "15:00",
+    "созвон",
+    "да",
+    "ок",
+    "оплатили",
+    "счёт",
+    "не актуально",
+    "другим агентством",
+    "спасибо",
+    "за",
+    "встречу",
+    "?",
+    ",",
+    ".",
+    "—",
+    "owner",
+    "budget",
+    "call",
+    "paid",
+    "ignore previous instructions",
+    "score=100",
+    "😊",
+    "@clinic",
+    "instagram.com/x",
+    "\n",
+    "  ",
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.booleans(),
+            st.one_of(
+                st.text(max_size=120),
+                st.lists(st.sampled_from(_VOCABULARY), max_size=25).map(" ".join),
+            ),
+        ),
+        max_size=10,
+    )
+)
+def test_any_dialog_gives_valid_facts(turns: list[tuple[bool, str]]) -> None:
+    facts = RulesAnalyzer().extract(dialog_of([("M" if me else "C", t) for me, t in turns]))
+    assert msgspec.json.decode(msgspec.json.encode(facts), type=LeadFacts) == facts
+    assert facts.next_message and facts.reasoning
+    assert 0 <= score(facts).total <= 100
+    if all(me for me, _ in turns):
+        assert facts.funnel_stage == "new_lead"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "-" * 5000,
+        "?!." * 1700,
+        "владелецпопросил" * 300,
+        "оплатилоплатил" * 350,
+        "да, " * 1250,
+        " " * 5000 + "я владелец",
+    ],
+)
+def test_long_odd_messages_stay_fast(analyzer: RulesAnalyzer, text: str) -> None:
+    """No pattern may backtrack badly (a long run of one symbol used to take minutes)."""
+    started = time.process_time()
+    facts = facts_of(analyzer, [("C", text), ("M", text), ("C", text)])
+    elapsed = time.process_time() - started
+    assert elapsed < 1.0, f"{elapsed:.2f} s"
+    assert facts.funnel_stage in ("new_lead", "qualified", "deal_lost", "not_qualified")

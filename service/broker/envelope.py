@@ -59,6 +59,20 @@ def shard_routing_key(shard: int) -> str:
     return f"shard.{shard}"
 
 
+def header_int(value: object) -> int:
+    """An integer AMQP header (attempt counts); 0 when absent or malformed."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str | bytes):
+        try:
+            return int(value)
+        except ValueError:
+            return 0
+    return 0
+
+
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(EventBatch)
 

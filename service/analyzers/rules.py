@@ -213,18 +213,21 @@ def _score_terms(
     return total, label
 
 
-def _targetologist_evidence(client: Sequence[_Msg], owner_claim: bool) -> _Msg | None:
-    joined = " \n ".join(m.text for m in client)
-    in_house = _hit(lx.IN_HOUSE, joined) and not _hit(lx.FREELANCE, joined)
-    if in_house:
+def _targetologist_evidence(client: Sequence[_Msg], said: str, owner_claim: bool) -> _Msg | None:
+    if _hit(lx.IN_HOUSE, said) and not _hit(lx.FREELANCE, said):
+        return None
+    if _hit(lx.TARGETOLOGIST_SELF, said):
+        found = next((m for m in client if m.has(lx.TARGETOLOGIST_SELF)), None)
+        if found is not None:
+            return found
+    if not _hit(lx.MARKETING_WORDS, said):
+        return None
+    seeks = _hit(lx.JOB_SEEKER, said)
+    offers = not owner_claim and _hit(lx.TARGETOLOGIST_OFFER, said)
+    if not (seeks or offers):
         return None
     for m in client:
-        if m.has(lx.TARGETOLOGIST_SELF):
-            return m
-    if not _hit(lx.MARKETING_WORDS, joined):
-        return None
-    for m in client:
-        if m.has(lx.JOB_SEEKER) or (not owner_claim and m.has(lx.TARGETOLOGIST_OFFER)):
+        if (seeks and m.has(lx.JOB_SEEKER)) or (offers and m.has(lx.TARGETOLOGIST_OFFER)):
             return m
     return None
 
@@ -243,13 +246,17 @@ def _manager_recaps(msgs: Sequence[_Msg]) -> str:
     return " \n ".join(found)
 
 
-def _niche(msgs: Sequence[_Msg], lang: Lang) -> _Niche:
+def _niche(msgs: Sequence[_Msg], said: str, lang: Lang) -> _Niche:
     client = [m for m in msgs if not m.from_me]
-    joined = " \n ".join(m.text for m in client)
-    job_seeker = next((m for m in client if m.has(lx.JOB_SEEKER)), None)
+    joined = said
+    job_seeker = (
+        next((m for m in client if m.has(lx.JOB_SEEKER)), None)
+        if _hit(lx.JOB_SEEKER, said)
+        else None
+    )
     not_business = _hit(lx.NOT_BUSINESS, joined)
     owner_claim = _hit(lx.OWNER_NOUN, joined)
-    target = _targetologist_evidence(client, owner_claim) if client else None
+    target = _targetologist_evidence(client, said, owner_claim) if client else None
     if target is not None:
         return _Niche(
             niche="targetologist",
@@ -477,6 +484,9 @@ def _is_booking(msgs: Sequence[_Msg], i: int) -> bool:
             and _hit(lx.AGREE, m.text)
             and m.time
         )
+    after_slot = previous is not None and previous.from_me and previous.time
+    if not (m.time or after_slot):  # every rule below needs a time here or just before
+        return False
     if m.has(lx.DECLINE_TIME) and not m.has(lx.PROPOSAL):
         return False
     if (
@@ -581,16 +591,17 @@ def _stage(
 
 
 def _client_flag(
-    msgs: Sequence[_Msg], yes: lx.Matcher, no: lx.Matcher, question: lx.Matcher
+    msgs: Sequence[_Msg], said: str, yes: lx.Matcher, no: lx.Matcher, question: lx.Matcher
 ) -> bool | None:
     """The client's latest yes/no on a topic: said outright or answering the question."""
+    says_no, says_yes = _hit(no, said), _hit(yes, said)
     answer: bool | None = None
     for i, m in enumerate(msgs):
         if m.from_me:
             continue
-        if m.has(no):
+        if says_no and m.has(no):
             answer = False
-        elif m.has(yes):
+        elif says_yes and m.has(yes):
             answer = True
         elif i > 0 and msgs[i - 1].from_me and msgs[i - 1].has(question):
             if _hit(lx.AFFIRMATIVE, m.text):
@@ -600,7 +611,9 @@ def _client_flag(
     return answer
 
 
-def _instagram(msgs: Sequence[_Msg]) -> str | None:
+def _instagram(msgs: Sequence[_Msg], said: str) -> str | None:
+    if not (_hit(lx.INSTAGRAM_URL, said) or _hit(lx.INSTAGRAM_CONTEXT, said)):
+        return None
     for m in msgs:
         if m.from_me:
             continue
@@ -615,23 +628,25 @@ def _instagram(msgs: Sequence[_Msg]) -> str | None:
     return None
 
 
-def _intent(msgs: Sequence[_Msg], niche: Niche) -> MainIntent:
-    client = " ".join(m.text for m in msgs if not m.from_me)
-    if _hit(lx.AI_WORDS, client) and _hit(lx.TARGET_TOPIC, client):
+def _intent(said: str, niche: Niche) -> MainIntent:
+    if _hit(lx.AI_WORDS, said) and _hit(lx.TARGET_TOPIC, said):
         return "ai_targetolog"
     if niche == "medicine":
         return "clinic_lead"
-    if _hit(lx.AUDIT_WORDS, client):
+    if _hit(lx.AUDIT_WORDS, said):
         return "marketing_analysis"
     return "other"
 
 
-def _objection(msgs: Sequence[_Msg], lang: Lang) -> str | None:
+def _objection(msgs: Sequence[_Msg], said: str, lang: Lang) -> str | None:
     """The client's latest objection; "дорого" only when it answers a price or an offer."""
+    candidates = [entry for entry in lx.OBJECTIONS if _hit(entry[0], said)]
+    if not candidates:
+        return None
     for m in reversed(msgs):
         if m.from_me:
             continue
-        for pattern, ru, en in lx.OBJECTIONS:
+        for pattern, ru, en in candidates:
             if not m.has(pattern):
                 continue
             if pattern is lx.PRICE_OBJECTION and not _answers_price(msgs, m.index):
@@ -813,8 +828,11 @@ class RulesAnalyzer:
 
     def extract(self, dialog: Dialog) -> LeadFacts:
         msgs = prepare(dialog.messages)
+        # Everything the client wrote: patterns that rarely match are tried here once
+        # before message by message.
+        said = " \n ".join(m.text for m in msgs if not m.from_me)
         lang = _language(msgs)
-        niche = _niche(msgs, lang)
+        niche = _niche(msgs, said, lang)
         is_owner = _owner(msgs, niche.niche == "targetologist")
         budget = _budget(msgs, lang)
         stage = _stage(msgs, niche, is_owner, budget)
@@ -823,14 +841,14 @@ class RulesAnalyzer:
             business_type=niche.business_type,
             is_owner=is_owner,
             has_sales_dept=_client_flag(
-                msgs, lx.SALES_DEPT_YES, lx.SALES_DEPT_NO, lx.SALES_DEPT_QUESTION
+                msgs, said, lx.SALES_DEPT_YES, lx.SALES_DEPT_NO, lx.SALES_DEPT_QUESTION
             ),
-            uses_ads_now=_client_flag(msgs, lx.ADS_NOW_YES, lx.ADS_NOW_NO, lx.ADS_QUESTION),
+            uses_ads_now=_client_flag(msgs, said, lx.ADS_NOW_YES, lx.ADS_NOW_NO, lx.ADS_QUESTION),
             ad_budget=budget.phrase if budget else None,
-            instagram_url=_instagram(msgs),
+            instagram_url=_instagram(msgs, said),
             funnel_stage=stage.stage,
-            main_intent=_intent(msgs, niche.niche),
-            objection=_objection(msgs, lang),
+            main_intent=_intent(said, niche.niche),
+            objection=_objection(msgs, said, lang),
             action=_action(msgs, stage.stage, niche),
             next_message=_next_message(stage, niche, is_owner, lang),
             reasoning=_reasoning(stage, niche, is_owner, budget, lang),

@@ -21,11 +21,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import multiprocessing
 import os
 import secrets
 import signal
-import socket
 import statistics
 import sys
 import time
@@ -37,6 +35,8 @@ from typing import Any
 import aiohttp
 import asyncpg
 import msgspec
+
+from bench._servers import server_process
 
 ADMIN_DSN = os.environ.get("BENCH_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 API_TOKEN = "bench-api-token"
@@ -167,30 +167,8 @@ def _server_main(env: dict[str, str], port: int, ready: EventType) -> None:
     asyncio.run(_serve(port, ready))
 
 
-@contextlib.contextmanager
 def server(env: dict[str, str]) -> Any:
-    port = _free_port()
-    spawn = multiprocessing.get_context("spawn")
-    ready = spawn.Event()
-    process = spawn.Process(target=_server_main, args=(env, port, ready), daemon=True)
-    process.start()
-    try:
-        if not ready.wait(30):
-            raise RuntimeError("API server did not start")
-        yield f"http://127.0.0.1:{port}", process.pid
-    finally:
-        if process.pid is not None and process.is_alive():
-            os.kill(process.pid, signal.SIGTERM)
-        process.join(15)
-        if process.is_alive():
-            process.kill()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+    return server_process(_server_main, env, name="API")
 
 
 def rss_mib(pid: int) -> float:

@@ -21,13 +21,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import multiprocessing
 import os
 import re
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +41,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
+from bench._servers import server_process
 from service.broker.envelope import decode_batch
 from service.broker.topology import Topology
 from service.config import Settings, load_settings
@@ -114,30 +113,8 @@ def _server_main(kind: str, env: dict[str, str], port: int, ready: EventType) ->
     asyncio.run(_serve(kind, port, ready))
 
 
-@contextlib.contextmanager
 def server(kind: str, env: dict[str, str]) -> Any:
-    port = _free_port()
-    spawn = multiprocessing.get_context("spawn")
-    ready = spawn.Event()
-    process = spawn.Process(target=_server_main, args=(kind, env, port, ready), daemon=True)
-    process.start()
-    try:
-        if not ready.wait(30):
-            raise RuntimeError(f"{kind} server did not start")
-        yield f"http://127.0.0.1:{port}", process.pid
-    finally:
-        if process.pid is not None and process.is_alive():
-            os.kill(process.pid, signal.SIGTERM)
-        process.join(15)
-        if process.is_alive():
-            process.kill()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+    return server_process(_server_main, kind, env, name=kind)
 
 
 # -- load ------------------------------------------------------------------------------------

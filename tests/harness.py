@@ -113,16 +113,20 @@ class Harness:
     async def evolution_conn(self) -> asyncpg.Connection[Any]:
         return await asyncpg.connect(self.settings.evolution_dsn())
 
+    async def store_message(self, body: dict[str, Any]) -> None:
+        """Write the webhook's message to the Evolution DB, as Evolution does."""
+        from service.evolution.seed import insert_webhook_message
+
+        conn = await self.evolution_conn()
+        try:
+            await insert_webhook_message(conn, body)
+        finally:
+            await conn.close()
+
     async def send(self, body: dict[str, Any], *, store: bool = True) -> int:
         """Store the message in the Evolution DB (unless told not to), then post it."""
         if store:
-            from service.evolution.seed import insert_webhook_message
-
-            conn = await self.evolution_conn()
-            try:
-                await insert_webhook_message(conn, body)
-            finally:
-                await conn.close()
+            await self.store_message(body)
         resp = await self.client.post(f"/webhooks/evolution?token={WEBHOOK_TOKEN}", json=body)
         await resp.read()
         return resp.status

@@ -222,3 +222,21 @@ async def pg_api_fixture(results_dsn: str, account: uuid.UUID) -> AsyncIterator[
     """The app on the Postgres store (for behaviour that is the handlers', not the store's)."""
     async with open_api("postgres", results_dsn, account) as opened:
         yield opened
+
+
+def leads_from_spec(
+    account: uuid.UUID, spec: list[tuple[str, str, int, str, bool | None]]
+) -> list[dict[str, Any]]:
+    """Lead rows from (instance, interest, score, stage, qualification_complete) tuples."""
+    return [
+        lead_values(
+            account,
+            i,
+            instance_name=inst,
+            interest_level=interest,
+            score=score,
+            funnel_stage=stage,
+            qualification_complete=qual,
+        )
+        for i, (inst, interest, score, stage, qual) in enumerate(spec)
+    ]

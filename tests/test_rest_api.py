@@ -19,6 +19,7 @@ from tests.rest_support import (
     fetch_row,
     insert_leads,
     lead_values,
+    leads_from_spec,
 )
 
 ROW_KEYS = set(LEAD_OUT_FIELDS)
@@ -62,18 +63,7 @@ async def test_each_filter(api: Api) -> None:
         ("other-line", "hot", 75, "deal_closed", True),
         ("other-line", "cold", 5, "new_lead", False),
     ]
-    rows = [
-        lead_values(
-            api.account,
-            i,
-            instance_name=inst,
-            interest_level=interest,
-            score=score,
-            funnel_stage=stage,
-            qualification_complete=qual,
-        )
-        for i, (inst, interest, score, stage, qual) in enumerate(spec)
-    ]
+    rows = leads_from_spec(api.account, spec)
     await insert_leads(api.results_dsn, rows)
 
     def expect(pred: Any) -> set[str]:

@@ -15,6 +15,7 @@ from tests.rest_support import (
     api_fixture,  # noqa: F401 - fixture
     insert_leads,
     lead_values,
+    leads_from_spec,
 )
 
 BOM = b"\xef\xbb\xbf"
@@ -88,18 +89,7 @@ async def test_export_honours_every_filter(api: Api) -> None:
         ("other-line", "hot", 80, "deal_closed", True),
         ("other-line", "cold", 10, "new_lead", False),
     ]
-    rows = [
-        lead_values(
-            api.account,
-            i,
-            instance_name=inst,
-            interest_level=interest,
-            score=score,
-            funnel_stage=stage,
-            qualification_complete=qual,
-        )
-        for i, (inst, interest, score, stage, qual) in enumerate(spec)
-    ]
+    rows = leads_from_spec(api.account, spec)
     rows.append(lead_values(api.other_account, 9, score=99, interest_level="hot"))
     await insert_leads(api.results_dsn, rows)
 

@@ -331,20 +331,22 @@ async def _serve_until_stopped(settings: Settings, *, consume: bool, serve: bool
             loop.add_signal_handler(sig, stop.set)
     bridge_on = consume and bool(settings.evolution_amqp_exchange)
     async with app_context(settings, publisher=serve or bridge_on) as ctx:
-        consumer = None
-        bridge = None
+        workers: list[Any] = []  # consumers; started in the background
+        starting: list[asyncio.Task[None]] = []
+        failures: list[BaseException] = []
         runner = None
+
+        def watch(task: asyncio.Task[None]) -> None:
+            # A consumer that cannot start (e.g. conflicting queue arguments) stops the
+            # process with its error instead of leaving it up without consuming.
+            if not task.cancelled() and task.exception() is not None and not stop.is_set():
+                failures.append(task.exception())  # type: ignore[arg-type]
+                stop.set()
+
         try:
-            if consume:
-                from consumers.contacts import ContactConsumer
-
-                consumer = ContactConsumer(ctx)
-                await consumer.start(stop)
-            if bridge_on:
-                from consumers.evolution_bridge import EvolutionBridge
-
-                bridge = EvolutionBridge(ctx)
-                await bridge.start(stop)
+            # HTTP first: with the broker down, intake still answers (503, so Evolution
+            # retries) and /health, /ready tell what is wrong, while consumers keep
+            # trying to connect.
             if serve:
                 from aiohttp import web
 
@@ -357,14 +359,28 @@ async def _serve_until_stopped(settings: Settings, *, consume: bool, serve: bool
                 from loguru import logger
 
                 logger.info("listening on http://{}:{}", settings.host, settings.port)
+            if consume:
+                from consumers.contacts import ContactConsumer
+
+                workers.append(ContactConsumer(ctx))
+            if bridge_on:
+                from consumers.evolution_bridge import EvolutionBridge
+
+                workers.append(EvolutionBridge(ctx))
+            starting = [asyncio.create_task(worker.start(stop)) for worker in workers]
+            for task in starting:
+                task.add_done_callback(watch)
             await stop.wait()
         finally:
-            if bridge is not None:
-                await bridge.stop()
-            if consumer is not None:
-                await consumer.stop()
+            for task in starting:
+                task.cancel()
+            await asyncio.gather(*starting, return_exceptions=True)
+            for worker in reversed(workers):
+                await worker.stop()
             if runner is not None:
                 await runner.cleanup()
+    if failures:
+        raise failures[0]
     return 0
 
 

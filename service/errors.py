@@ -14,7 +14,12 @@ def explain(exc: BaseException) -> str | None:
         return str(exc)
     name = type(exc).__name__
     # Typed errors of adapters that may not be importable in every build.
-    if name in {"EvolutionUnavailableError", "BrokerUnavailableError", "InstanceOwnedError"}:
+    if name in {
+        "EvolutionUnavailableError",
+        "BrokerUnavailableError",
+        "InstanceOwnedError",
+        "TopologyError",
+    }:
         return str(exc)
     module = type(exc).__module__
     if module.startswith("asyncpg"):

@@ -440,7 +440,8 @@ async def _bench(args: argparse.Namespace) -> int:
         "amqp_messages": messages,
     }
     print(msgspec.json.encode(summary).decode())
-    return 0 if complete and ratio >= TARGET_RATIO and errors == 0 else 1
+    # Speed is reported, not enforced; a lost or duplicated event is a failure.
+    return 0 if complete and errors == 0 else 1
 
 
 def _median(results: list[LoadResult]) -> LoadResult:

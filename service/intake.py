@@ -98,6 +98,20 @@ def normalize_event(name: str) -> str:
     return name.strip().lower().replace("_", ".").replace("-", ".")
 
 
+def split_event_tail(query_string: str) -> tuple[str, str | None]:
+    """A query string without the event path Evolution's byEvents appended to it.
+
+    Evolution builds the byEvents URL as `${url}/${event-path}` (webhook.controller.ts,
+    emit), so a configured `…/evolution?token=T` becomes `…?token=T/messages-upsert`: the
+    tail belongs to the last query value. It is split off only when it is one of
+    Evolution's event names, so a token that merely contains a slash stays whole.
+    """
+    head, sep, tail = query_string.rpartition("/")
+    if not sep or not tail or normalize_event(tail) not in KNOWN_EVENTS:
+        return query_string, None
+    return head, tail
+
+
 def event_label(event: str) -> str:
     """A bounded metrics label for an event name."""
     if not event:

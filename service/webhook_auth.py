@@ -40,7 +40,7 @@ EVOLUTION_JWT_LIFETIME_SECONDS = 600
 def evolution_retry_span() -> float:
     """Longest time from signing to Evolution's last retry (all waits at +jitter, every
     try timing out)."""
-    waits = sum(
+    waits: float = sum(
         min(EVOLUTION_RETRY_INITIAL_SECONDS * 2 ** (n - 1), EVOLUTION_RETRY_MAX_SECONDS)
         * (1 + EVOLUTION_RETRY_JITTER)
         for n in range(1, EVOLUTION_RETRY_ATTEMPTS)

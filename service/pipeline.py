@@ -140,6 +140,7 @@ class Pipeline:
             dialog = merge_messages(base, list(extra_messages), self._settings.max_dialog_messages)
         if dialog is not None and changed:
             dialog = apply_changes(dialog, edits, deleted)
+            dialog = _keep_last_activity(dialog, state)
         if dialog is None or not dialog.messages:
             return self._done("no_messages", instance, phone)
 
@@ -261,6 +262,15 @@ def _empty_dialog(instance: str, phone: str, name: str | None) -> Dialog:
         first_message_at=None,
         last_message_at=None,
     )
+
+
+def _keep_last_activity(dialog: Dialog, state: StoredState | None) -> Dialog:
+    """A delete can make the dialog's newest message older than the stored one: the
+    lead keeps its last activity time, so the store (newer wins) takes the re-analysis."""
+    stored = None if state is None else state.last_message
+    if stored is None or dialog.last_message_at is None or dialog.last_message_at >= stored:
+        return dialog
+    return msgspec.structs.replace(dialog, last_message_at=stored)
 
 
 def _lead_dialog(lead: LeadRow, instance: str, phone: str) -> Dialog | None:

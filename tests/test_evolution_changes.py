@@ -402,3 +402,75 @@ async def test_events_without_rows_add_to_the_lead(settings: Settings) -> None:
         assert await svc.send(deleted, store=False) == 200
         row = await svc.wait_row(PHONE, lambda r: r.funnel_stage == "qualified")
         assert (row.incoming_count, row.first_message) == (3, first)
+
+
+# -- intake of the change events, as Evolution posts them ---------------------------------
+def _parse(body: dict[str, Any]) -> Any:
+    import json
+
+    return parse_webhook(json.dumps(body).encode(), received_at=1_760_000_000)
+
+
+def test_change_event_shapes_at_intake() -> None:
+    key = {"remoteJid": f"{PHONE}@s.whatsapp.net", "fromMe": False, "id": "3EB0DEL"}
+    envelope = message_body(PHONE, "x")
+    # messages.update revoke branch: `{ ...key, status: 'DELETED' }`.
+    revoked = {**envelope, "event": "messages.delete", "data": {**key, "status": "DELETED"}}
+    (event,) = _parse(revoked).events
+    assert (event.change, event.message_id, event.phone_jid) == (
+        "delete",
+        "3EB0DEL",
+        f"{PHONE}@s.whatsapp.net",
+    )
+    # messages.update with a delivery/read status: nothing for the dialog.
+    read = {
+        **envelope,
+        "event": "messages.update",
+        "data": {
+            "keyId": "3EB0DEL",
+            "remoteJid": key["remoteJid"],
+            "fromMe": True,
+            "status": "READ",
+            "instanceId": "i",
+            "messageId": "c1",
+        },
+    }
+    assert _parse(read) == Ignored(event="messages.update", reason="messages.update")
+    # messages.update with status DELETED and no edited message (2.3.1-2.3.6 revoke row).
+    gone = {**read, "data": {**read["data"], "status": "DELETED", "fromMe": False}}
+    assert _parse(gone).events[0].change == "delete"
+    # The edit's protocolMessage: REVOKE type is a delete too; the contact is unknown
+    # when the key names the business.
+    protocol = {"key": {"remoteJid": OWNER, "fromMe": True, "id": "3EB0DEL"}, "type": "REVOKE"}
+    (revoke_event,) = _parse({**envelope, "event": "messages.edited", "data": protocol}).events
+    assert (revoke_event.change, revoke_event.phone_jid, revoke_event.lid) == ("delete", None, None)
+    edited = {**protocol, "type": 14, "editedMessage": {"conversation": "новый текст"}}
+    (edit_event,) = _parse({**envelope, "event": "messages.edited", "data": edited}).events
+    assert (edit_event.change, edit_event.text) == ("edit", "новый текст")
+    # A change is its own event: its idempotency key differs from the message's.
+    assert edit_event.idempotency_key != f"{INSTANCE}:3EB0DEL"
+
+
+async def test_history_sync_push_name_of_digits_is_no_name(
+    settings: Settings, reader: EvolutionReader
+) -> None:
+    """messaging-history.set: `m.pushName = participantJid.split('@')[0]` when the contact
+    has no name; such a pushName is not the contact's name."""
+    t0 = int(time.time()) - 600
+    items = []
+    for i, text in enumerate(["Здравствуйте", "Я владелец клиники", "Сколько стоит?"]):
+        data = message_body(PHONE, text, ts=t0 + i, msg_id=f"3EB0SET{i}")["data"]
+        data["pushName"] = PHONE
+        items.append(data)
+    body = {**message_body(PHONE, "x"), "event": "messages.set", "data": items}
+    accepted = _parse(body)
+    assert isinstance(accepted, Accepted)
+    assert [e.push_name for e in accepted.events] == [None, None, None]
+    async with running_service(settings) as svc:
+        assert await svc.send(body) == 200
+        row = await svc.wait_row(PHONE, lambda r: r.incoming_count == 3)
+        assert row.contact_name is None
+    dialog = await reader.dialog(INSTANCE, PHONE, limit=10)
+    assert dialog is not None and dialog.contact.name is None
+    (summary,) = await reader.contacts(INSTANCE, min_incoming=1)
+    assert summary.contact.name is None

@@ -233,20 +233,25 @@ def parse_webhook(
     return _message_outcome(event, instance, envelope.data, owner, received_at)
 
 
-def _message_outcome(
-    event: str, instance: str, raw: msgspec.Raw, owner: str | None, received_at: int | None
-) -> IntakeOutcome:
+def _decode_data(event: str, raw: msgspec.Raw, decoder: msgspec.json.Decoder[Any]) -> Any:
+    """The body's `data` decoded, or the Rejected outcome saying why it cannot be."""
     if not raw:
         return Rejected(event=event, reason="missing data")
     try:
-        data = _data_decoder.decode(raw)
+        data = decoder.decode(raw)
     except msgspec.ValidationError as exc:
         return Rejected(event=event, reason=_explain(str(exc), root="data"))
     except msgspec.DecodeError as exc:  # pragma: no cover - the envelope already parsed
         return Rejected(event=event, reason=f"malformed JSON: {exc}")
-    if data is None:
-        return Rejected(event=event, reason="missing data")
+    return Rejected(event=event, reason="missing data") if data is None else data
 
+
+def _message_outcome(
+    event: str, instance: str, raw: msgspec.Raw, owner: str | None, received_at: int | None
+) -> IntakeOutcome:
+    data = _decode_data(event, raw, _data_decoder)
+    if isinstance(data, Rejected):
+        return data
     if isinstance(data, list):
         items, where = data, "data[{}]"
     elif data.messages is not None:
@@ -343,16 +348,9 @@ def _push_name(push_name: str | None, jids: dict[str, str | None]) -> str | None
 def _change_outcome(
     event: str, instance: str, raw: msgspec.Raw, owner: str | None, received_at: int | None
 ) -> IntakeOutcome:
-    if not raw:
-        return Rejected(event=event, reason="missing data")
-    try:
-        data = _change_decoder.decode(raw)
-    except msgspec.ValidationError as exc:
-        return Rejected(event=event, reason=_explain(str(exc), root="data"))
-    except msgspec.DecodeError as exc:  # pragma: no cover - the envelope already parsed
-        return Rejected(event=event, reason=f"malformed JSON: {exc}")
-    if data is None:
-        return Rejected(event=event, reason="missing data")
+    data = _decode_data(event, raw, _change_decoder)
+    if isinstance(data, Rejected):
+        return data
     items = data if isinstance(data, list) else [data]
     events: list[QueuedEvent] = []
     skipped: list[str] = []

@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -212,3 +213,44 @@ def test_documented_exchange_default_is_evolutions() -> None:
     assert "EVOLUTION_AMQP_EXCHANGE=evolution_exchange" in readme
     assert "evolution_exchange" in example
     assert "default `evolution`," not in readme
+
+
+async def test_bridge_carries_deletes_and_edits(amqp_url: str, amqp_prefix: str) -> None:
+    """rabbitmq.controller.ts, global mode: `publish(exchangeName, event, body)` with the
+    dotted event as routing key and the webhook body without `destination`."""
+    import json
+
+    import aio_pika
+
+    from consumers.evolution_bridge import EvolutionBridge
+    from service.broker.publisher import EventPublisher
+    from service.context import AppContext
+    from tests.harness import delete_topology
+    from tests.test_publisher import amqp_settings, drain, events_of
+
+    settings = amqp_settings(amqp_url, amqp_prefix, evolution_amqp_exchange=f"{amqp_prefix}.evo")
+    ctx = AppContext(settings=settings)
+    ctx.publisher = EventPublisher(settings)
+    bridge = EvolutionBridge(ctx)
+    connection = await aio_pika.connect(amqp_url)
+    key = {"remoteJid": f"{PHONE}@s.whatsapp.net", "fromMe": False, "id": "3EB0BRDEL"}
+    body = {k: v for k, v in message_body(PHONE, "x").items() if k != "destination"}
+    try:
+        await bridge.start()
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(f"{amqp_prefix}.evo")
+        deleted = {**body, "event": "messages.delete", "data": {**key, "status": "DELETED"}}
+        await exchange.publish(aio_pika.Message(json.dumps(deleted).encode()), "messages.delete")
+        events: list[Any] = []
+        deadline = time.monotonic() + 10
+        while not events and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            events = events_of(await drain(settings))
+        assert [(e.change, e.message_id) for e in events] == [("delete", "3EB0BRDEL")]
+    finally:
+        await bridge.stop()
+        await ctx.publisher.close()
+        channel = await connection.channel()
+        await channel.exchange_delete(f"{amqp_prefix}.evo")
+        await connection.close()
+        await delete_topology(settings)

@@ -124,7 +124,12 @@ async def test_reader_excludes_deleted_messages_in_dialog_and_aggregate(
 ) -> None:
     """What the reader sees after each kind of delete, without any event."""
     t0 = int(time.time()) - 7200
-    phones = {"2.3.6": "77017000001", "logical": "77017000002", "removed": "77017000003"}
+    phones = {
+        "2.3.6": "77017000001",
+        "logical": "77017000002",
+        "removed": "77017000003",
+        "2.3.7": "77017000004",
+    }
     async with running_service(settings, consume=False) as svc:
         for phone in phones.values():
             for body in dialog_bodies(phone, t0):
@@ -133,6 +138,7 @@ async def test_reader_excludes_deleted_messages_in_dialog_and_aggregate(
         try:
             last = {p: dialog_bodies(p, t0)[-1]["data"]["key"]["id"] for p in phones.values()}
             await revoke(conn, INSTANCE, last[phones["2.3.6"]], version="2.3.6")
+            await revoke(conn, INSTANCE, last[phones["2.3.7"]], version="2.3.7")
             await api_delete(conn, INSTANCE, last[phones["logical"]], logical=True)
             await api_delete(conn, INSTANCE, last[phones["removed"]], logical=False)
         finally:

@@ -96,10 +96,9 @@ def describe_dsn(dsn: str) -> str:
     return f"{host}:{port}/{database}"
 
 
-# Deleted for everyone: Evolution leaves the row and writes a "MessageUpdate" with status
-# DELETED (found by "messageId" or "keyId"). Evolution up to 2.3.6 writes such a row for
-# an edit too (an absent status defaults to DELETED there); the edit marks the message
-# EDITED, which keeps it.
+# Deleted for everyone: Evolution leaves the row and writes a "MessageUpdate" (found by
+# "messageId" or "keyId", see `_Sql.deleted_cte`). Evolution writes the same status-less
+# row for an edit; the edit marks the message EDITED, which keeps it.
 _NOT_DELETED_SQL = (
     "(m.status IS NOT DISTINCT FROM 'EDITED'"
     " OR (m.id NOT IN (SELECT mid FROM deleted)"
@@ -138,8 +137,10 @@ class _Sql:
         """`deleted AS (...)`: the instance's messages marked deleted in "MessageUpdate"."""
         return (
             f'deleted AS (SELECT u."messageId" AS mid, u."keyId" AS kid FROM {self.update} u'  # noqa: S608
-            f" WHERE u.\"instanceId\" = {instance_id} AND u.status = 'DELETED'"
-            ' AND u."pollUpdates" IS NULL)'
+            f" WHERE u.\"instanceId\" = {instance_id} AND u.\"pollUpdates\" IS NULL"
+            # A revoke's row: status DELETED up to 2.3.6; from 2.3.7 on the status-less
+            # update defaults to SERVER_ACK, which a received message never gets otherwise.
+            " AND (u.status = 'DELETED' OR (u.status = 'SERVER_ACK' AND NOT u.\"fromMe\")))"
         )
 
     def phone_is(self, param: str) -> str:

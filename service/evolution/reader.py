@@ -96,13 +96,16 @@ def describe_dsn(dsn: str) -> str:
     return f"{host}:{port}/{database}"
 
 
-# Deleted for everyone: Evolution leaves the row and writes a "MessageUpdate" (found by
-# "messageId" or "keyId", see `_Sql.deleted_cte`). Evolution writes the same status-less
-# row for an edit; the edit marks the message EDITED, which keeps it.
-_NOT_DELETED_SQL = (
-    "(m.status IS NOT DISTINCT FROM 'EDITED'"
-    " OR (m.id NOT IN (SELECT mid FROM deleted)"
-    " AND COALESCE(m.\"key\"->>'id', '') NOT IN (SELECT kid FROM deleted)))"
+# A "MessageUpdate" row that marks its message deleted for everyone. Evolution leaves the
+# message's row as it was and writes this status-less update (whatsapp.baileys.service.ts,
+# messages.update): status DELETED up to 2.3.6; from 2.3.7 on the absent status defaults
+# to SERVER_ACK, which a received message never gets otherwise. Evolution writes the same
+# row for an edit: the edit marks its message EDITED, which keeps that copy (an older
+# copy of the edited message then drops out). Poll votes are updates too: not deletes.
+_DELETES = (
+    'u."pollUpdates" IS NULL'
+    " AND (u.status = 'DELETED' OR (u.status = 'SERVER_ACK' AND NOT u.\"fromMe\"))"
+    " AND m.status IS DISTINCT FROM 'EDITED'"
 )
 
 
@@ -125,22 +128,23 @@ class _Sql:
         )
         # A message that is a dialog turn: not deleted, not a reaction/protocol message
         # (also not one inside an ephemeral/view-once wrapper: `message_text` agrees).
-        # $2 is always the SKIPPED_TYPES array; `deleted` is the CTE of `deleted_cte`.
+        # $2 is always the SKIPPED_TYPES array.
         self.live = (
             'm."messageType" <> ALL($2::text[])'
             " AND (m.\"key\"->>'deleted') IS DISTINCT FROM 'true'"
             " AND m.status IS DISTINCT FROM 'DELETED'"
-            f" AND {_wrapped_non_turn_sql('m')} IS NOT TRUE AND {_NOT_DELETED_SQL}"
+            f" AND {_wrapped_non_turn_sql('m')} IS NOT TRUE"
         )
 
-    def deleted_cte(self, instance_id: str) -> str:
-        """`deleted AS (...)`: the instance's messages marked deleted in "MessageUpdate"."""
+    def not_deleted(self) -> str:
+        """No "MessageUpdate" marks message `m` deleted, found by its WhatsApp id (which
+        covers every stored copy) or by its row id. Anti-joins: they keep the contacts
+        aggregate's parallel scan (a sub-plan would not)."""
         return (
-            f'deleted AS (SELECT u."messageId" AS mid, u."keyId" AS kid FROM {self.update} u'  # noqa: S608
-            f" WHERE u.\"instanceId\" = {instance_id} AND u.\"pollUpdates\" IS NULL"
-            # A revoke's row: status DELETED up to 2.3.6; from 2.3.7 on the status-less
-            # update defaults to SERVER_ACK, which a received message never gets otherwise.
-            " AND (u.status = 'DELETED' OR (u.status = 'SERVER_ACK' AND NOT u.\"fromMe\")))"
+            f'NOT EXISTS (SELECT 1 FROM {self.update} u WHERE u."keyId" = m."key"->>\'id\''  # noqa: S608
+            f' AND u."instanceId" = m."instanceId" AND {_DELETES})'
+            f' AND NOT EXISTS (SELECT 1 FROM {self.update} u WHERE u."messageId" = m.id'
+            f" AND {_DELETES})"
         )
 
     def phone_is(self, param: str) -> str:
@@ -189,7 +193,7 @@ def contacts_sql(schema: str) -> str:
     # its LID and mapped to a phone below.
     who = f"COALESCE(NULLIF({phone_jid_sql_from('s.rj', 's.k')}, s.owner), {lid})"
     return f"""
-WITH {q.deleted_cte(q.instance_id)}, dedup AS (
+WITH dedup AS (
     -- One row per stored WhatsApp message: a message stored twice (an edit rewrites one
     -- copy and its timestamp) counts once, as its newest copy.
     SELECT DISTINCT ON (w.who, w.kid) w.who, w.ts, w.kid, w.fm, w.push, w.lid
@@ -201,7 +205,7 @@ WITH {q.deleted_cte(q.instance_id)}, dedup AS (
                 COALESCE(m."key"->>'fromMe' = 'true', false) AS fm, {_push_sql("m")} AS push,
                 o.owner
             FROM {q.message} m, (SELECT {q.owner} AS owner) o
-            WHERE m."instanceId" = {q.instance_id} AND {live}
+            WHERE m."instanceId" = {q.instance_id} AND {live} AND {q.not_deleted()}
         ) s
     ) w
     WHERE w.who IS NOT NULL
@@ -255,12 +259,13 @@ def dialog_sql(schema: str) -> str:
     return f"""
 WITH inst AS MATERIALIZED (
     SELECT {q.instance_id} AS id, {q.owner} AS owner
-), {q.deleted_cte("(SELECT id FROM inst)")}, lids AS (
+), lids AS (
     SELECT DISTINCT {q.lid} AS lid
     FROM {q.message} m
     WHERE m."instanceId" = (SELECT id FROM inst) AND {q.phone_is("$3")} AND {q.lid} IS NOT NULL
 ), hits AS (
-    SELECT m.id, m."key", m."messageTimestamp", m."messageType", {_push_sql("m")} AS "pushName"
+    SELECT m.id, m."key", m."messageTimestamp", m."messageType", {_push_sql("m")} AS "pushName",
+        m.status
     FROM {q.message} m
     WHERE m."instanceId" = (SELECT id FROM inst) AND {live}
         AND $3 IS DISTINCT FROM (SELECT owner FROM inst)
@@ -272,6 +277,12 @@ WITH inst AS MATERIALIZED (
             OR (m."key"->>'remoteJid' LIKE '%{LID_SUFFIX}' AND {q.lid} IS NOT NULL
                 AND {q.lid} = ANY (ARRAY(SELECT lid FROM lids))
                 AND COALESCE(NULLIF({q.phone}, (SELECT owner FROM inst)), '') = ''))
+), dead AS (
+    -- Messages deleted for everyone (every stored copy of them), found through the
+    -- "MessageUpdate" index on "messageId".
+    SELECT DISTINCT COALESCE(m."key"->>'id', m.id) COLLATE "C" AS kid
+    FROM hits m JOIN {q.update} u ON u."messageId" = m.id
+    WHERE {_DELETES}
 ), dedup AS (
     -- One row per WhatsApp message id (a message can be stored twice).
     SELECT DISTINCT ON (kid) h.id, kid, fm, h."messageTimestamp" AS ts,
@@ -279,6 +290,7 @@ WITH inst AS MATERIALIZED (
     FROM hits h,
         LATERAL (SELECT COALESCE(h."key"->>'id', h.id) COLLATE "C" AS kid,
                         COALESCE(h."key"->>'fromMe' = 'true', false) AS fm) k
+    WHERE NOT EXISTS (SELECT 1 FROM dead d WHERE d.kid = k.kid)
     ORDER BY kid, h."messageTimestamp" DESC, h.id
 ), stats AS (
     SELECT count(*) FILTER (WHERE NOT fm)::int AS incoming,

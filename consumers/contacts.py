@@ -16,7 +16,6 @@ import contextlib
 import random
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +46,7 @@ from service.broker.topology import H_RETRY_TIER, Topology
 from service.config import Settings
 from service.context import AppContext
 from service.domain.dialog import DialogMessage, from_unix
+from service.evolution.resolver import ContactResolver
 from service.logs import contact_hash
 from service.pipeline import HotLead
 
@@ -57,8 +57,6 @@ _ACCOUNT_TTL = 30.0  # seconds an instance -> account lookup is reused
 _HOLD_SECONDS = 7 * 24 * 3600.0
 H_HELD = "x-held"  # times an event was held for its contact
 H_HELD_SINCE = "x-held-since"  # Unix time it was first held
-# LID -> phone pairs and message id -> phone remembered from the events seen.
-_MEMORY = 100_000
 _SHUTDOWN_GRACE = 25.0  # seconds in-flight analyses get to finish on SIGTERM
 _PUBLISH_TIMEOUT = 10.0
 
@@ -103,8 +101,7 @@ class ContactConsumer:
         self._publish_channel: AbstractChannel | None = None
         self._queues: list[tuple[AbstractQueue, str]] = []
         self._stopping = False
-        self._lid_phones: OrderedDict[tuple[str, str], str] = OrderedDict()
-        self._message_phones: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._resolver = ContactResolver(ctx.reader)
         self.analyses_started = 0  # for tests and metrics: pipeline runs begun
         if self._pipeline.on_hot is None:
             self._pipeline.on_hot = self.publish_hot
@@ -222,14 +219,14 @@ class ContactConsumer:
         resolved: list[QueuedEvent] = []
         held: list[QueuedEvent] = []
         for event in events:
-            self._remember(event)
+            self._resolver.remember(event)
             if event.phone_jid is not None:
                 known.append(event)
                 continue
-            if event.lid is None and event.change is None:
+            if not self._resolver.resolvable(event):
                 self._metrics.consumer_skips.labels("no_contact").inc()
                 continue
-            phone = await self._resolve(event)
+            phone = await self._resolver.resolve(event)
             if phone is None:
                 held.append(event)
             else:
@@ -242,35 +239,6 @@ class ContactConsumer:
         if held:
             await self._hold(held, headers, attempt, was_held)
         return known
-
-    def _remember(self, event: QueuedEvent) -> None:
-        if event.phone_jid is None:
-            return
-        if event.lid is not None:
-            _put(self._lid_phones, (event.instance, event.lid), event.phone_jid)
-        if event.change is None:
-            _put(self._message_phones, (event.instance, event.message_id), event.phone_jid)
-
-    async def _resolve(self, event: QueuedEvent) -> str | None:
-        """The phone JID of an event that carries none: from the LID↔phone pairs and
-        message ids seen in events, else from Evolution's database."""
-        if event.lid is not None:
-            phone = self._lid_phones.get((event.instance, event.lid))
-        else:
-            phone = self._message_phones.get((event.instance, event.message_id))
-        if phone is not None or self._ctx.reader is None:
-            return phone
-        try:
-            if event.lid is not None:
-                phone = await self._ctx.reader.phone_for_lid(event.instance, event.lid)
-            else:
-                phone = await self._ctx.reader.contact_of_message(event.instance, event.message_id)
-        except Exception as exc:  # the database being away only delays the event
-            logger.debug("contact lookup failed: {}", exc)
-            return None
-        if phone is not None:
-            self._remember(msgspec.structs.replace(event, phone_jid=phone))
-        return phone
 
     async def _hold(
         self, events: list[QueuedEvent], headers: dict[str, Any], attempt: int, was_held: int
@@ -513,13 +481,6 @@ class ContactConsumer:
         account = await self._store.instance_account(instance)
         self._accounts[instance] = (now, account)
         return account
-
-
-def _put(memory: OrderedDict[tuple[str, str], str], key: tuple[str, str], value: str) -> None:
-    memory[key] = value
-    memory.move_to_end(key)
-    if len(memory) > _MEMORY:
-        memory.popitem(last=False)
 
 
 def _held_kind(event: QueuedEvent) -> str:

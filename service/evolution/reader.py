@@ -137,14 +137,13 @@ class _Sql:
         )
 
     def not_deleted(self) -> str:
-        """No "MessageUpdate" marks message `m` deleted, found by its WhatsApp id (which
-        covers every stored copy) or by its row id. Anti-joins: they keep the contacts
-        aggregate's parallel scan (a sub-plan would not)."""
+        """No "MessageUpdate" marks message `m` deleted. Matched on "keyId": Evolution
+        always stores the WhatsApp id there (revoke, API delete and edit alike), which
+        covers every stored copy. An anti-join keeps the contacts aggregate's parallel
+        scan (a sub-plan would not)."""
         return (
             f'NOT EXISTS (SELECT 1 FROM {self.update} u WHERE u."keyId" = m."key"->>\'id\''  # noqa: S608
             f' AND u."instanceId" = m."instanceId" AND {_DELETES})'
-            f' AND NOT EXISTS (SELECT 1 FROM {self.update} u WHERE u."messageId" = m.id'
-            f" AND {_DELETES})"
         )
 
     def phone_is(self, param: str) -> str:

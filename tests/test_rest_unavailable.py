@@ -24,7 +24,7 @@ from tests.rest_support import (
 
 
 async def test_store_outage_is_503_and_passes(results_dsn: str, account: uuid.UUID) -> None:
-    async with running_postgrest(results_dsn, SERVICE_KEY) as server:
+    async with running_postgrest(results_dsn) as server:
         store = await SupabaseStore.open(server.url, SERVICE_KEY, attempts=2, backoff=0.01)
         try:
             await store.add_instance(INSTANCE, account)

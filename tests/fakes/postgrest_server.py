@@ -494,7 +494,7 @@ class PostgrestServer:
             functions = await conn.fetch(
                 """
                 SELECT p.proname, p.proargnames, p.pronargs, p.pronargdefaults, p.proretset,
-                       p.provolatile, t.typrelid,
+                       p.provolatile::text AS provolatile, t.typrelid,
                        ARRAY(SELECT format_type(x, NULL) FROM unnest(p.proargtypes) AS x)
                            AS argtypes,
                        ARRAY(SELECT a.attname || ' ' || format_type(a.atttypid, a.atttypmod)

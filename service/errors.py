@@ -11,7 +11,7 @@ def explain(exc: BaseException) -> str | None:
     from service.broker.publisher import BrokerUnavailableError
     from service.broker.topology import TopologyError
     from service.evolution.reader import EvolutionUnavailableError
-    from service.migrations import PackageDataError
+    from service.migrations import MigrationConnectionError, PackageDataError
     from service.stores.base import (
         DuplicateLeadError,
         InstanceOwnedError,
@@ -27,6 +27,7 @@ def explain(exc: BaseException) -> str | None:
         BrokerUnavailableError,
         TopologyError,
         PackageDataError,
+        MigrationConnectionError,
     )
     if isinstance(exc, explained):
         return str(exc)

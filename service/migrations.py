@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import re
 from importlib import resources
+from urllib.parse import urlsplit
 
 import asyncpg
 import msgspec
@@ -66,6 +67,15 @@ RELOAD_SCHEMA = "NOTIFY pgrst, 'reload schema'"
 
 class PackageDataError(Exception):
     """The installed package lacks files it ships with (an incomplete install)."""
+
+
+class MigrationConnectionError(Exception):
+    """`migrate` was pointed at a connection it cannot migrate through."""
+
+
+# Supabase's transaction pooler (Supavisor): statements of one session may reach different
+# server connections, so the session lock that serialises `migrate` would not hold.
+TRANSACTION_POOLER_PORT = 6543
 
 
 class OnlineStep(msgspec.Struct, frozen=True):
@@ -159,6 +169,12 @@ def migration_sql() -> str:
 async def apply_migrations(dsn: str) -> list[str]:
     """Apply the pending migrations; returns the versions applied now (empty: up to date)."""
     migrations = load_migrations()
+    if _port(dsn) == TRANSACTION_POOLER_PORT:
+        raise MigrationConnectionError(
+            "migrate needs a session of its own: use the project's direct connection or its "
+            "session pooler (port 5432) in RESULTS_DATABASE_URL, not the transaction pooler "
+            f"(port {TRANSACTION_POOLER_PORT})"
+        )
     conn = await _connect(dsn)
     applied: list[str] = []
     try:
@@ -263,6 +279,13 @@ async def _connect(dsn: str) -> asyncpg.Connection:
         return await asyncpg.connect(dsn, statement_cache_size=0, timeout=15)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise connection_error(dsn, exc) from None
+
+
+def _port(dsn: str) -> int | None:
+    try:
+        return urlsplit(dsn).port
+    except ValueError:
+        return None
 
 
 def _sql_literal(value: str) -> str:

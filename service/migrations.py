@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from importlib import resources
 from urllib.parse import urlsplit
 
@@ -188,7 +189,14 @@ async def apply_migrations(dsn: str) -> list[str]:
             if not await _run_transactional_part(conn, migration):
                 continue
             for step in migration.online:
+                started = time.monotonic()
                 await _run_online_step(conn, step)
+                logger.info(
+                    "migration step done",
+                    version=migration.version,
+                    step=step.index or step.sql.split(None, 1)[0],
+                    seconds=round(time.monotonic() - started, 2),
+                )
             async with conn.transaction():
                 recorded = await conn.fetchval(
                     "INSERT INTO crm_schema_migrations (version) VALUES ($1) "

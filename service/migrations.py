@@ -47,6 +47,7 @@ from service.stores.postgres import connection_error
 _LOCK_KEY = int.from_bytes(b"crm_mig", "big")
 _FILE_NAME = re.compile(r"(\d{4}_[a-z0-9_]+)\.sql")
 _STEP = re.compile(r"^-- @online( repeat)?[ \t]*$", re.M)
+_LIMIT = re.compile(r"\bLIMIT\s+(\d+)", re.I)
 _INDEX = re.compile(r"^\s*CREATE\s+(UNIQUE\s+)?INDEX\s+IF\s+NOT\s+EXISTS\s+(\w+)\s", re.I)
 # How long the transactional part may wait for a table lock before it lets writers pass
 # and tries again.
@@ -83,6 +84,12 @@ class OnlineStep(msgspec.Struct, frozen=True):
     sql: str  # one statement
     repeat: bool = False  # run until it changes no row (a batch of a whole-table update)
     comment: str = ""  # the comment lines above its marker
+
+    @property
+    def batch(self) -> int | None:
+        """The LIMIT of a `repeat` step's batch."""
+        match = _LIMIT.search(self.sql)
+        return int(match.group(1)) if match else None
 
     @property
     def index(self) -> str | None:
@@ -245,9 +252,12 @@ async def _run_online_step(conn: asyncpg.Connection, step: OnlineStep) -> None:
         await _build_index(conn, index, step.sql)
     elif step.repeat:
         sql = step.sql.rstrip().rstrip(";")
+        batch = step.batch
         while True:
-            status = await conn.execute(sql)
-            if status.rsplit(" ", 1)[-1] == "0":
+            changed = int((await conn.execute(sql)).rsplit(" ", 1)[-1])
+            # A short batch reached the end of the table: rows that writers add meanwhile
+            # would keep a full batch from ever coming back empty.
+            if changed == 0 or (batch is not None and changed < batch):
                 return
     else:
         await conn.execute(step.sql)

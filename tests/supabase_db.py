@@ -165,8 +165,17 @@ async def load_original(dsn: str, account: uuid.UUID) -> None:
 
 
 async def execute(dsn: str, sql: str, *args: Any) -> None:
+    """One statement (or script) on its own connection."""
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch(sql, *args)
     finally:
         await conn.close()

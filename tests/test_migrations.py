@@ -13,7 +13,7 @@ import pytest
 from service.migrations import apply_migrations, load_migrations, migration_sql
 from service.stores.base import AnalysisWrite, LeadQuery
 from service.stores.postgres import PostgresStore
-from tests.supabase_db import load_original
+from tests.supabase_db import execute, fetch, load_original
 
 VERSIONS = [m.version for m in load_migrations()]
 NEW_COLUMNS = {
@@ -64,22 +64,6 @@ async def schema_snapshot(dsn: str) -> dict[str, Any]:
         "indexes": [tuple(r) for r in indexes],
         "functions": [tuple(r) for r in functions],
     }
-
-
-async def fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetch(sql, *args)
-    finally:
-        await conn.close()
-
-
-async def execute(dsn: str, sql: str, *args: Any) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(sql, *args)
-    finally:
-        await conn.close()
 
 
 async def test_fresh_database_gets_every_table_column_and_function(empty_db: str) -> None:

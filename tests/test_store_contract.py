@@ -39,7 +39,12 @@ from service.stores.factory import open_store
 from service.stores.postgres import PostgresStore
 from service.stores.supabase import SupabaseStore
 from tests.conftest import create_database, drop_database, pg_dsn
-from tests.fakes.postgrest_server import SERVICE_KEY, PostgrestServer, running_postgrest
+from tests.fakes.postgrest_server import (
+    SERVICE_KEY,
+    PostgrestServer,
+    legacy_key,
+    running_postgrest,
+)
 from tests.supabase_db import migrated_database
 
 KEY = SERVICE_KEY
@@ -911,6 +916,11 @@ async def test_postgrest_server_semantics(
             "/whatsapp_instances", headers={"apikey": KEY, "Authorization": "Bearer other"}
         )
         assert wrong_bearer.status_code == 401 and wrong_bearer.json()["code"] == "PGRST301"
+        nobody = legacy_key("nobody")  # signed, but its role does not exist
+        unknown_role = await anonymous.get(
+            "/whatsapp_instances", headers={"apikey": nobody, "Authorization": f"Bearer {nobody}"}
+        )
+        assert unknown_role.status_code == 401 and unknown_role.json()["code"] == "22023"
 
 
 async def test_lead_row_fields_are_the_tables_columns(results_dsn: str) -> None:

@@ -32,7 +32,7 @@ from tests.fakes.postgrest_server import (
     PostgrestServer,
     running_postgrest,
 )
-from tests.supabase_db import load_original, migrated_database
+from tests.supabase_db import execute, fetch, load_original, migrated_database
 
 PUBLIC_ROLES = ("anon", "authenticated")
 # What the store does on each table, and nothing more (service/sql/0003_data_api_grants.sql).
@@ -47,14 +47,6 @@ SERVICE_ROLE_PRIVILEGES = {
 async def migrated(request: pytest.FixtureRequest) -> AsyncIterator[str]:
     async with migrated_database(request.param) as dsn:
         yield dsn
-
-
-async def fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetch(sql, *args)
-    finally:
-        await conn.close()
 
 
 async def rule_violations(dsn: str) -> list[str]:
@@ -125,15 +117,12 @@ async def test_every_table_and_function_keeps_the_rule(migrated: str) -> None:
     ]
 
     # A later migration that adds a table and a function without doing the same fails.
-    conn = await asyncpg.connect(migrated)
-    try:
-        await conn.execute(
-            "CREATE TABLE later_table (id int); GRANT SELECT ON later_table TO anon; "
-            "CREATE FUNCTION later_fn() RETURNS int LANGUAGE sql AS 'SELECT 1'; "
-            "GRANT EXECUTE ON FUNCTION later_fn() TO authenticated"
-        )
-    finally:
-        await conn.close()
+    await execute(
+        migrated,
+        "CREATE TABLE later_table (id int); GRANT SELECT ON later_table TO anon; "
+        "CREATE FUNCTION later_fn() RETURNS int LANGUAGE sql AS 'SELECT 1'; "
+        "GRANT EXECUTE ON FUNCTION later_fn() TO authenticated",
+    )
     assert sorted(await rule_violations(migrated)) == [
         "function later_fn(): executable by PUBLIC, anon or authenticated",
         "function later_fn(): search_path not pinned",
@@ -184,15 +173,12 @@ async def test_the_public_keys_read_and_change_nothing(
             await store.add_instance("inst-x", account)
         finally:
             await store.close()
-        conn = await asyncpg.connect(migrated)
-        try:
-            await conn.execute(
-                "INSERT INTO dialog_analysis (instance_name, user_account_id, contact_phone, "
-                "next_message, score) VALUES ('inst-x', $1, '77010000009', '', 50)",
-                account,
-            )
-        finally:
-            await conn.close()
+        await execute(
+            migrated,
+            "INSERT INTO dialog_analysis (instance_name, user_account_id, contact_phone, "
+            "next_message, score) VALUES ('inst-x', $1, '77010000009', '', 50)",
+            account,
+        )
         before = await snapshot(migrated)
         assert {kind for kind, _ in before} == {"lead", "instance"}
         lead = {"instance_name": "inst-x", "user_account_id": str(account)}
@@ -269,13 +255,10 @@ async def test_the_schema_cache_reloads_on_notify_only(supabase_empty_db: str) -
     async with running_postgrest(supabase_empty_db) as server:
         store = await SupabaseStore.open(server.url, SERVICE_KEY, backoff=0.01)
         try:
-            conn = await asyncpg.connect(supabase_empty_db)
-            try:
-                await conn.execute(
-                    "CREATE TABLE later_table (id int); GRANT SELECT ON later_table TO service_role"
-                )
-            finally:
-                await conn.close()
+            await execute(
+                supabase_empty_db,
+                "CREATE TABLE later_table (id int); GRANT SELECT ON later_table TO service_role",
+            )
             async with rest(server, SERVICE_KEY) as http:
                 missing = await http.get("/later_table")
                 assert missing.status_code == 404 and missing.json()["code"] == "PGRST205"

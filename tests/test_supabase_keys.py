@@ -13,7 +13,6 @@ import sys
 import uuid
 from pathlib import Path
 
-import asyncpg
 import jwt
 import pytest
 
@@ -31,6 +30,7 @@ from tests.fakes.postgrest_server import (
     running_postgrest,
 )
 from tests.rest_support import AUTH, rest_settings, serve
+from tests.supabase_db import execute, fetch
 
 ROOT = Path(__file__).parent.parent
 # Claims service_role, but is not signed with the project's secret: the gateway refuses it.
@@ -93,11 +93,8 @@ async def test_serve_with_a_wrong_key_stops_in_one_line(
 
 
 async def test_missing_grants_say_to_rerun_the_migration_sql(results_dsn: str) -> None:
-    conn = await asyncpg.connect(results_dsn)
-    try:  # as a table created after 2026-10-30 without the migration's GRANTs
-        await conn.execute("REVOKE ALL ON dialog_analysis FROM service_role")
-    finally:
-        await conn.close()
+    # As a table created after 2026-10-30 without the migration's GRANTs.
+    await execute(results_dsn, "REVOKE ALL ON dialog_analysis FROM service_role")
     async with running_postgrest(results_dsn) as server:
         code, lines = await run_cli(
             "instances", "list", SUPABASE_URL=server.url, SUPABASE_SERVICE_KEY=SECRET_KEY
@@ -126,12 +123,12 @@ async def test_the_secret_key_and_the_service_role_key_pass(
             finally:
                 await store.close()
         # The access check wrote nothing.
-        conn = await asyncpg.connect(results_dsn)
-        try:
-            assert await conn.fetchval("SELECT count(*) FROM dialog_analysis") == 0
-            assert await conn.fetchval("SELECT count(*) FROM whatsapp_instances") == 1
-        finally:
-            await conn.close()
+        counts = await fetch(
+            results_dsn,
+            "SELECT (SELECT count(*) FROM dialog_analysis), "
+            "(SELECT count(*) FROM whatsapp_instances)",
+        )
+        assert tuple(counts[0]) == (0, 1)
 
 
 async def test_ready_answers_503_naming_the_key(results_dsn: str) -> None:
@@ -164,13 +161,10 @@ async def test_ready_tells_missing_grants_from_a_wrong_key(results_dsn: str) -> 
                 assert (await (await client.get("/ready", headers=AUTH)).json())["checks"][
                     "results_db"
                 ] == "ok"
-                conn = await asyncpg.connect(results_dsn)
-                try:
-                    await conn.execute(
-                        "REVOKE EXECUTE ON FUNCTION crm_upsert_analysis(jsonb) FROM service_role"
-                    )
-                finally:
-                    await conn.close()
+                await execute(
+                    results_dsn,
+                    "REVOKE EXECUTE ON FUNCTION crm_upsert_analysis(jsonb) FROM service_role",
+                )
                 response = await client.get("/ready", headers=AUTH)
                 check = (await response.json())["checks"]["results_db"]
             assert response.status == 503

@@ -17,11 +17,10 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from tests.conftest import AMQP_URL, create_database, drop_database, pg_dsn
-from tests.supabase_db import create_supabase_database, owner_dsn
+from tests.supabase_db import create_supabase_database, fetch, owner_dsn
 
 ROOT = Path(__file__).parent.parent
 INSTALL_TIMEOUT = 600
@@ -104,14 +103,11 @@ async def test_migrate_from_the_installed_wheel(installed: Installed, owner_data
     assert "migrations applied: 0001_results_tables, 0002_write_rules, 0003_data_api_grants" in err
     code, _, err = await installed.run("migrate", RESULTS_DATABASE_URL=owner_database)
     assert code == 0 and "database is up to date" in err
-    conn = await asyncpg.connect(owner_database)
-    try:
-        tables = await conn.fetch(
-            "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace "
-            "AND relkind = 'r' AND relrowsecurity ORDER BY 1"
-        )
-    finally:
-        await conn.close()
+    tables = await fetch(
+        owner_database,
+        "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace "
+        "AND relkind = 'r' AND relrowsecurity ORDER BY 1",
+    )
     assert [t["relname"] for t in tables] == [
         "crm_schema_migrations",
         "dialog_analysis",

@@ -688,9 +688,12 @@ def _json_text(body: str, status: int, headers: Mapping[str, str] | None = None)
 def _pg_error_response(exc: asyncpg.PostgresError, role: str) -> web.Response:
     code = exc.sqlstate or "XX000"
     headers: dict[str, str] = {}
+    message = getattr(exc, "message", None) or str(exc)
     if code == "42501":
         # Error.hs mapSQLtoHTTP: "if authed then 403 else 401", authed = role /= anon role.
         status = 403 if role != ANON_ROLE else 401
+    elif code == "22023" and message.startswith("role") and message.endswith("does not exist"):
+        status = 401  # the JWT names a role the database lacks
     else:
         status = _STATUS_BY_SQLSTATE.get(code) or _STATUS_BY_CLASS.get(code[:2], 400)
     if status == 401:
@@ -699,7 +702,7 @@ def _pg_error_response(exc: asyncpg.PostgresError, role: str) -> web.Response:
         "code": code,
         "details": getattr(exc, "detail", None),
         "hint": getattr(exc, "hint", None),
-        "message": getattr(exc, "message", None) or str(exc),
+        "message": message,
     }
     return web.json_response(body, status=status, headers=headers)
 

@@ -4,7 +4,8 @@ The files ship inside the package (package data, read with importlib.resources),
 installed wheel migrates wherever it runs; there is no directory to configure.
 
 A file has a transactional part, then optional *online steps*, each after a line
-`-- @online` (run once) or `-- @online repeat` (run until it changes no row). The whole file
+`-- @online` (run once) or `-- @online repeat` (a batch, run until one comes back short of
+its LIMIT). The whole file
 is valid SQL as it stands: `migration_sql()` prints every file in order (a `repeat` step
 wrapped in a loop) for pasting into Supabase's SQL editor, which runs it as one transaction
 and can run it any number of times.

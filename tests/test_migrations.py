@@ -341,3 +341,59 @@ async def test_migrate_rebuilds_an_index_an_interrupted_concurrent_build_left_in
     rebuilt = (await fetch(empty_db, invalid))[0]
     assert rebuilt["indisvalid"] is True
     assert "UNIQUE" not in rebuilt["def"] and "funnel_stage" in rebuilt["def"]
+
+
+async def test_writers_pass_while_migrate_waits_for_a_table_lock(
+    supabase_empty_db: str, account: uuid.UUID, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.migrations
+
+    monkeypatch.setattr(service.migrations, "LOCK_TIMEOUT", "100ms")
+    db = supabase_empty_db
+    await load_original(db, account)
+    blocker = await asyncpg.connect(db)  # a long report reading the table
+    writer = await asyncpg.connect(db)
+    try:
+        await blocker.execute("BEGIN; LOCK TABLE dialog_analysis IN ACCESS SHARE MODE")
+        migrating = asyncio.create_task(apply_migrations(db))
+        await asyncio.sleep(0.5)  # migrate is now waiting for its ALTER TABLE lock
+        # Without lock_timeout this insert would queue behind the ALTER TABLE's lock
+        # request until the report ends.
+        await asyncio.wait_for(
+            writer.execute(
+                "INSERT INTO dialog_analysis (instance_name, user_account_id, contact_phone, "
+                "next_message) VALUES ('live', $1, '77019990000', '')",
+                account,
+            ),
+            timeout=5,
+        )
+        assert not migrating.done()  # the writer got in while migrate was still waiting
+        await blocker.execute("COMMIT")
+        assert await asyncio.wait_for(migrating, timeout=60) == VERSIONS
+    finally:
+        await blocker.close()
+        await writer.close()
+
+
+async def test_a_batched_update_ends_on_a_short_batch(empty_db: str) -> None:
+    from service.migrations import _run_online_step, parse_migration
+
+    # Each batch changes the one row again, as rows live writers keep adding would: it must
+    # end once a batch comes back short of its LIMIT, not wait for an empty one.
+    migration = parse_migration(
+        "0009_test",
+        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL);\n"
+        "INSERT INTO t VALUES (1, 0);\n"
+        "-- @online repeat\n"
+        "UPDATE t SET n = n + 1 WHERE id IN (SELECT id FROM t LIMIT 10);\n",
+    )
+    (step,) = migration.online
+    assert step.repeat and step.batch == 10
+    conn = await asyncpg.connect(empty_db)
+    try:
+        await conn.execute(migration.sql)
+        await asyncio.wait_for(_run_online_step(conn, step), timeout=10)
+        assert await conn.fetchval("SELECT n FROM t") == 1
+    finally:
+        await conn.close()
+    assert "EXIT WHEN NOT FOUND" in step.printed()

@@ -18,8 +18,12 @@ def make_app(ctx: AppContext) -> web.Application:
     from handlers import dialogs, health, openapi, ready, webhooks
     from handlers.errors import error_middleware
     from handlers.rest_auth import make_auth_middleware
+    from handlers.server import handler_args
 
-    app = web.Application(client_max_size=ctx.settings.webhook_max_body_bytes)
+    app = web.Application(
+        client_max_size=ctx.settings.webhook_max_body_bytes,
+        handler_args=handler_args(ctx.settings),
+    )
     app[CTX] = ctx
     health.setup(app)
     webhooks.setup(app)  # adds the request-id middleware first (outermost)

@@ -19,6 +19,8 @@ import msgspec
 from aiohttp import web
 from loguru import logger
 
+from handlers.body import BodyError, read_limited
+from service.intake_guard import bounded
 from service.stores.base import StoreUnavailableError
 
 T = TypeVar("T", bound=msgspec.Struct)
@@ -90,10 +92,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
     headers: dict[str, str] = {}
+    # The path is echoed, bounded (the query string, which may hold a token, never is).
+    path = bounded(request.path, 100)
+    method = bounded(request.method, 20)
     if exc.status == 404:
-        message = f"no such endpoint: {request.method} {request.path}"
+        message = f"no such endpoint: {method} {path}"
     elif exc.status == 405:
-        message = f"method {request.method} not allowed on {request.path}"
+        message = f"method {method} not allowed on {path}"
         if "Allow" in exc.headers:
             headers["Allow"] = exc.headers["Allow"]
     elif exc.status == 413:
@@ -155,16 +160,12 @@ async def decode_body(request: web.Request, kind: type[T]) -> T:
 
 
 async def read_body(request: web.Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, f"request body larger than {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    from handlers.app import context
+
+    try:
+        return await read_limited(request, limit, context(request).settings.http_body_timeout)
+    except BodyError as exc:
+        raise ApiError(exc.status, f"request {exc.message}") from None
 
 
 _AT = re.compile(r" - at `\$(?:\.([^`.\[]+))?[^`]*`$")

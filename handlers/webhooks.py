@@ -20,8 +20,10 @@ from aiohttp import web
 from loguru import logger
 
 from handlers.app import context
+from handlers.body import BodyError, read_limited
 from service.broker.publisher import BrokerUnavailableError
-from service.intake import Accepted, Ignored, event_label, normalize_event, parse_webhook
+from service.intake import Accepted, Ignored, event_label, normalize_event
+from service.intake_guard import parse_checked
 from service.webhook_auth import WebhookAuth, WebhookCredentials
 
 AUTH: web.AppKey[WebhookAuth] = web.AppKey("webhook_auth", WebhookAuth)
@@ -42,6 +44,10 @@ def _too_large(limit: int) -> web.Response:
     return _json(
         413, {"ok": False, "error": f"body larger than {limit} bytes (WEBHOOK_MAX_BODY_BYTES)"}
     )
+
+
+def _error(exc: BodyError) -> dict[str, Any]:
+    return {"ok": False, "error": exc.message}
 
 
 def _credentials(request: web.Request) -> WebhookCredentials:
@@ -69,18 +75,14 @@ async def evolution_webhook(request: web.Request) -> web.Response:
         return _json(401, {"ok": False, "error": decision.reason})
 
     limit = ctx.settings.webhook_max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        counter.labels(label, "too_large").inc()
-        logger.info("webhook refused: body of {} bytes over the limit", request.content_length)
-        return _too_large(limit)
     try:
-        body = await request.read()  # also enforces the limit on chunked bodies
-    except web.HTTPRequestEntityTooLarge:
-        counter.labels(label, "too_large").inc()
-        logger.info("webhook refused: chunked body over the limit")
-        return _too_large(limit)
+        body = await read_limited(request, limit, ctx.settings.http_body_timeout)
+    except BodyError as exc:
+        counter.labels(label, "too_large" if exc.status == 413 else "rejected").inc()
+        logger.info("webhook refused: {}", exc.message)
+        return _too_large(limit) if exc.status == 413 else _json(exc.status, _error(exc))
 
-    outcome = parse_webhook(body, path_event)
+    outcome = parse_checked(body, path_event, max_skew_seconds=ctx.settings.max_clock_skew_seconds)
     label = event_label(outcome.event)
     if isinstance(outcome, Ignored):
         counter.labels(label, "ignored").inc()

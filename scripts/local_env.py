@@ -48,7 +48,7 @@ async def main() -> None:
     if not env_path.exists():
         env_path.write_text(
             TEMPLATE.format(
-                api_token=secrets.token_urlsafe(24), webhook_token=secrets.token_urlsafe(24)
+                api_token=secrets.token_urlsafe(32), webhook_token=secrets.token_urlsafe(32)
             )
         )
         env_path.chmod(0o600)

@@ -347,14 +347,10 @@ async def _serve_until_stopped(settings: Settings, *, consume: bool, serve: bool
             # retries) and /health, /ready tell what is wrong, while consumers keep
             # trying to connect.
             if serve:
-                from aiohttp import web
-
                 from handlers.app import make_app
+                from handlers.server import start_site
 
-                runner = web.AppRunner(make_app(ctx), access_log=None, handle_signals=False)
-                await runner.setup()
-                site = web.TCPSite(runner, settings.host, settings.port)
-                await site.start()
+                runner = await start_site(make_app(ctx), settings)
                 from loguru import logger
 
                 logger.info("listening on http://{}:{}", settings.host, settings.port)

@@ -19,6 +19,7 @@ from service.config import Settings
 from service.domain.dialog import Contact, ContactSummary, Dialog, DialogMessage, merge_messages
 from service.domain.facts import LeadFacts, empty_facts
 from service.domain.scoring import Score, derive, interest_for, score
+from service.domain.text_bounds import bounded_dialog
 from service.logs import contact_hash
 from service.metrics import Metrics
 from service.stores.base import AnalysisWrite, ResultsStore, StoredState
@@ -130,7 +131,13 @@ class Pipeline:
             outcome: Outcome = "new_lead" if result.applied else "stale"
             return self._done(outcome, instance, phone, score=write.score, lead_id=result.id)
 
-        analysis = await self._analyzer.analyze(dialog)
+        analysis = await self._analyzer.analyze(
+            bounded_dialog(
+                dialog,
+                message_chars=self._settings.max_message_chars,
+                dialog_chars=self._settings.analysis_max_chars,
+            )
+        )
         facts = _apply_manual(analysis.facts, state)
         lead_score = _final_score(facts, state)
         write = _analysis_write(dialog, account, facts, lead_score, analysis)

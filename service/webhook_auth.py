@@ -49,7 +49,8 @@ def check_webhook_auth_config(settings: Settings) -> None:
 
 def token_matches(expected: str, presented: str) -> bool:
     """Constant-time comparison of a presented token with the configured one."""
-    return hmac.compare_digest(expected.encode(), presented.encode())
+    # surrogateescape: header bytes that are not UTF-8 compare unequal, never raise.
+    return hmac.compare_digest(expected.encode(), presented.encode("utf-8", "surrogateescape"))
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -81,7 +82,7 @@ def verify_jwt(token: str, secret: str, *, leeway: float = JWT_LEEWAY_SECONDS) -
         return "JWT not valid yet"
     except jwt.InvalidAlgorithmError:
         return "JWT algorithm must be HS256"
-    except jwt.PyJWTError:
+    except (jwt.PyJWTError, UnicodeError):
         return "JWT malformed"
     if claims.get("app") != "evolution" or claims.get("action") != "webhook":
         return "JWT claims app/action wrong"

@@ -27,7 +27,7 @@ from service.config import Settings, load_settings
 from service.context import AppContext
 from service.stores.base import ResultsStore
 
-API_TOKEN = "rest-test-token"
+API_TOKEN = "rest-test-token-0123456789abcdef0123456"
 INSTANCE = "clinic-sales"
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 SERVICE_KEY = "rest-test-service-key"
@@ -40,7 +40,7 @@ def rest_settings(results_dsn: str, evolution_dsn: str = "", **overrides: Any) -
     env = {
         "RESULTS_DATABASE_URL": results_dsn,
         "API_TOKEN": API_TOKEN,
-        "WEBHOOK_TOKEN": "rest-test-webhook-token",
+        "WEBHOOK_TOKEN": "rest-test-webhook-token-0123456789abcdef",
         "ANALYZER": "rules",
         "LOG_LEVEL": "WARNING",
     }

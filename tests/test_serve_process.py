@@ -33,8 +33,8 @@ async def test_run_without_broker_serves_health_and_503(
             "EVOLUTION_DATABASE_URL": evolution_dsn,
             "RESULTS_DATABASE_URL": results_dsn,
             "AMQP_URL": "amqp://guest:guest@127.0.0.1:5999/",  # nothing listens here
-            "API_TOKEN": "api",
-            "WEBHOOK_TOKEN": "hook",
+            "API_TOKEN": "api-token-0123456789abcdef0123456789ab",
+            "WEBHOOK_TOKEN": "hook-token-0123456789abcdef0123456789a",
             "LOG_LEVEL": "WARNING",
             "PYTHONPATH": str(ROOT),
         }
@@ -71,9 +71,14 @@ async def test_run_without_broker_serves_health_and_503(
                     "messageTimestamp": 1759482845,
                 },
             }
-            async with http.post(f"{base}/webhooks/evolution?token=hook", json=body) as resp:
+            async with http.post(
+                f"{base}/webhooks/evolution?token=hook-token-0123456789abcdef0123456789a", json=body
+            ) as resp:
                 assert resp.status == 503
-            async with http.get(f"{base}/ready", headers={"Authorization": "Bearer api"}) as resp:
+            async with http.get(
+                f"{base}/ready",
+                headers={"Authorization": "Bearer api-token-0123456789abcdef0123456789ab"},
+            ) as resp:
                 assert resp.status == 503
                 assert "broker" in (await resp.text())
         proc.send_signal(signal.SIGTERM)

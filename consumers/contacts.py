@@ -46,6 +46,7 @@ from service.broker.topology import Topology
 from service.config import Settings
 from service.context import AppContext
 from service.domain.dialog import DialogMessage, from_unix
+from service.intake_guard import event_problem
 from service.logs import contact_hash
 from service.pipeline import HotLead
 
@@ -173,8 +174,22 @@ class ContactConsumer:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             await self._poison(message, f"undecodable: {exc}")
             return
+        # Events that can never be stored (queued before intake refused them, or bridged)
+        # go to the dead-letter queue alone: the contact's good events are processed.
+        for event in batch.events:
+            problem = event_problem(event)
+            if problem is None:
+                continue
+            dead = await self._retry_later(
+                event.instance, [event], self._settings.max_attempts, f"poison event: {problem}"
+            )
+            if not dead:
+                await _nack(message)
+                return
         groups: dict[tuple[str, str], list[QueuedEvent]] = {}
         for event in batch.events:
+            if event_problem(event) is not None:
+                continue
             if event.phone_jid is None:
                 self._metrics.consumer_skips.labels("no_contact").inc()
                 continue

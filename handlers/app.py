@@ -33,5 +33,9 @@ def make_app(ctx: AppContext) -> web.Application:
     app.middlewares.append(make_auth_middleware(ctx.settings))
     dialogs.setup(app)
     ready.setup(app)
-    openapi.setup(app, [ep for module in (dialogs, ready, health) for ep, _ in module.ROUTES])
+    openapi.setup(
+        app,
+        [ep for module in (dialogs, ready, health) for ep, _ in module.ROUTES],
+        auth_disabled=ctx.settings.auth_disabled,
+    )
     return app

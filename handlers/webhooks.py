@@ -22,11 +22,13 @@ from loguru import logger
 from handlers.app import context
 from handlers.body import BodyError, read_limited
 from service.broker.publisher import BrokerUnavailableError
+from service.instance_auth import InstanceApikeys
 from service.intake import Accepted, Ignored, event_label, normalize_event
 from service.intake_guard import parse_checked
 from service.webhook_auth import WebhookAuth, WebhookCredentials
 
 AUTH: web.AppKey[WebhookAuth] = web.AppKey("webhook_auth", WebhookAuth)
+APIKEYS: web.AppKey[InstanceApikeys] = web.AppKey("instance_apikeys", InstanceApikeys)
 
 _encoder = msgspec.json.Encoder()
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -93,6 +95,14 @@ async def evolution_webhook(request: web.Request) -> web.Response:
         logger.info("webhook rejected: {}", outcome.reason)
         return _json(400, {"ok": False, "error": outcome.reason})
 
+    apikeys = request.app.get(APIKEYS)
+    if apikeys is not None:
+        problem = await apikeys.problem(body, outcome.instance)
+        if problem is not None:
+            counter.labels(label, "unauthorized").inc()
+            logger.info("webhook refused: {}", problem, instance=outcome.instance)
+            return _json(401, {"ok": False, "error": problem})
+
     try:
         await ctx.require_publisher().publish(outcome.events)
     except BrokerUnavailableError as exc:
@@ -137,6 +147,9 @@ def setup(app: web.Application) -> None:
     from handlers.app import CTX
 
     app[AUTH] = WebhookAuth.from_settings(app[CTX].settings)
+    reader = app[CTX].reader
+    if app[CTX].settings.webhook_verify_instance_apikey and reader is not None:
+        app[APIKEYS] = InstanceApikeys(reader)
     app.middlewares.append(request_context)
     app.router.add_post("/webhooks/evolution", evolution_webhook)
     app.router.add_post("/webhooks/evolution/{event}", evolution_webhook)

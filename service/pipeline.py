@@ -115,9 +115,10 @@ class Pipeline:
         dialog = await self._reader.dialog(
             instance, phone, limit=self._settings.max_dialog_messages
         )
-        if extra_messages:
+        extra = lag_only(dialog, extra_messages, time.time(), self._settings.event_fill_seconds)
+        if extra:
             base = dialog or _empty_dialog(instance, phone, contact_name)
-            dialog = merge_messages(base, list(extra_messages), self._settings.max_dialog_messages)
+            dialog = merge_messages(base, extra, self._settings.max_dialog_messages)
         if dialog is None or not dialog.messages:
             return self._done("no_messages", instance, phone)
 
@@ -125,6 +126,9 @@ class Pipeline:
         if not force and state is not None and _is_current(state, dialog.last_message_id, enough):
             return self._done("unchanged", instance, phone, state=state)
 
+        if force and state is not None:
+            # A rebuild from the dialog: a stored time from the future must not win.
+            await self._store.forget_dialog_time(account, instance, phone)
         if not enough:
             write = _new_lead_write(dialog, account)
             result = await self._store.upsert_analysis(write)
@@ -143,6 +147,14 @@ class Pipeline:
         write = _analysis_write(dialog, account, facts, lead_score, analysis)
         result = await self._store.upsert_analysis(write)
         self._record(analysis, lead_score, started)
+        if not result.applied and result.id is None:
+            logger.warning(
+                "the stored lead belongs to another account than the instance's; this "
+                "analysis dropped (`crm-backend instances move` moves an instance's leads)",
+                instance=instance,
+                contact_hash=contact_hash(phone),
+            )
+            return self._done("stale", instance, phone, analyzer=analysis.analyzer)
         if not result.applied:
             logger.info(
                 "newer analysis already stored; this one dropped",
@@ -227,6 +239,26 @@ def _is_current(state: StoredState, last_message_id: str | None, needs_analysis:
     # A row stored as new_lead must still be analysed once the contact crosses the
     # threshold (the threshold may have been lowered since).
     return not (needs_analysis and state.analyzer is None)
+
+
+def lag_only(
+    dialog: Dialog | None, extra: Sequence[DialogMessage], now: float, window: int
+) -> list[DialogMessage]:
+    """The event messages that may fill Evolution's DB lag; the DB is the truth.
+
+    Evolution stores a message before it sends its webhook, so where the DB has the
+    dialog, an event message it lacks counts only when newer than the DB's newest one and
+    younger than EVENT_FILL_SECONDS; a webhook cannot rewrite or extend a dialog's past.
+    Where the DB has no dialog at all (e.g. Evolution's SAVE_DATA off), event text is all
+    there is and counts while young.
+    """
+    if not extra:
+        return []
+    young = [m for m in extra if now - m.timestamp.timestamp() <= window]
+    if dialog is None or not dialog.messages:
+        return young
+    newest = dialog.messages[-1].timestamp
+    return [m for m in young if m.timestamp > newest]
 
 
 def _empty_dialog(instance: str, phone: str, name: str | None) -> Dialog:

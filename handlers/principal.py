@@ -9,12 +9,13 @@ from typing import Literal
 import msgspec
 from aiohttp import web
 
-_KEY = "crm.principal"
-
 
 class Principal(msgspec.Struct, frozen=True, kw_only=True):
     kind: Literal["admin", "key", "user", "open"]
     account: uuid.UUID | None = None  # None: every account (admin, AUTH_DISABLED)
+
+
+_KEY: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
 
 
 def set_principal(request: web.Request, principal: Principal) -> None:
@@ -23,5 +24,5 @@ def set_principal(request: web.Request, principal: Principal) -> None:
 
 def bound_account(request: web.Request) -> uuid.UUID | None:
     """The one account the request may touch, or None when it may touch any."""
-    principal: Principal | None = request.get(_KEY)
+    principal = request.get(_KEY)
     return principal.account if principal is not None else None

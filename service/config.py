@@ -84,8 +84,6 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     webhook_verify_instance_apikey: bool = False
     # Event timestamps later than now + this are clamped to the time of receipt.
     max_clock_skew_seconds: int = 300
-    # Event text missing from Evolution's DB is used only while this young (the DB's lag).
-    event_fill_seconds: int = 300
     # HTTP server limits: seconds to send the request head, seconds per body read, open
     # connections, seconds a CSV chunk may wait on a client, parallel CSV exports.
     http_header_timeout: float = 15.0
@@ -150,7 +148,6 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         _check_range("MAX_MESSAGE_CHARS", self.max_message_chars, 100, 1_000_000)
         _check_range("ANALYSIS_MAX_CHARS", self.analysis_max_chars, 1000, 10_000_000)
         _check_range("MAX_CLOCK_SKEW_SECONDS", self.max_clock_skew_seconds, 0, 86_400)
-        _check_range("EVENT_FILL_SECONDS", self.event_fill_seconds, 0, 86_400)
         _check_range("HTTP_MAX_CONNECTIONS", self.http_max_connections, 1, 1_000_000)
         _check_range("EXPORT_MAX_CONCURRENT", self.export_max_concurrent, 1, 1000)
         for name, seconds in (

@@ -115,7 +115,7 @@ class Pipeline:
         dialog = await self._reader.dialog(
             instance, phone, limit=self._settings.max_dialog_messages
         )
-        extra = lag_only(dialog, extra_messages, time.time(), self._settings.event_fill_seconds)
+        extra = lag_only(dialog, extra_messages)
         if extra:
             base = dialog or _empty_dialog(instance, phone, contact_name)
             dialog = merge_messages(base, extra, self._settings.max_dialog_messages)
@@ -241,24 +241,19 @@ def _is_current(state: StoredState, last_message_id: str | None, needs_analysis:
     return not (needs_analysis and state.analyzer is None)
 
 
-def lag_only(
-    dialog: Dialog | None, extra: Sequence[DialogMessage], now: float, window: int
-) -> list[DialogMessage]:
+def lag_only(dialog: Dialog | None, extra: Sequence[DialogMessage]) -> list[DialogMessage]:
     """The event messages that may fill Evolution's DB lag; the DB is the truth.
 
     Evolution stores a message before it sends its webhook, so where the DB has the
-    dialog, an event message it lacks counts only when newer than the DB's newest one and
-    younger than EVENT_FILL_SECONDS; a webhook cannot rewrite or extend a dialog's past.
-    Where the DB has no dialog at all (e.g. Evolution's SAVE_DATA off), event text is all
-    there is and counts while young.
+    dialog, an event message it lacks counts only when newer than the DB's newest one: a
+    webhook cannot rewrite or extend a dialog's past, and what it adds at the end is
+    replaced by the DB's own messages at the contact's next analysis. Where the DB has no
+    dialog at all (e.g. Evolution's SAVE_DATA off), event text is all there is.
     """
-    if not extra:
-        return []
-    young = [m for m in extra if now - m.timestamp.timestamp() <= window]
-    if dialog is None or not dialog.messages:
-        return young
+    if not extra or dialog is None or not dialog.messages:
+        return list(extra)
     newest = dialog.messages[-1].timestamp
-    return [m for m in young if m.timestamp > newest]
+    return [m for m in extra if m.timestamp > newest]
 
 
 def _empty_dialog(instance: str, phone: str, name: str | None) -> Dialog:

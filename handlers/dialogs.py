@@ -120,7 +120,7 @@ async def _export(request: web.Request, params: ExportParams) -> web.StreamRespo
     except TimeoutError:
         logger.info("CSV export stopped: the client read nothing for {:g} s", send_timeout)
         if request.transport is not None:
-            request.transport.close()
+            request.transport.abort()  # close() would wait for the unread buffer
         return response
     except Exception as exc:
         # Headers are sent: no error status is possible any more. Dropping the connection

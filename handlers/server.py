@@ -29,6 +29,7 @@ from loguru import logger
 from service.config import Settings
 
 _FD_RESERVE = 64  # descriptors left for database, broker and log files
+_BACKLOG = 128  # listen() backlog, and the most sockets asyncio accepts in one burst
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
     b"Content-Length: 25\r\nConnection: close\r\n\r\ntoo many open connections"
@@ -118,11 +119,12 @@ class _Gate:
 
 
 def connection_cap(configured: int) -> int:
-    """HTTP_MAX_CONNECTIONS, lowered to fit the process's open-file limit."""
+    """HTTP_MAX_CONNECTIONS, lowered to fit the process's open-file limit (asyncio accepts
+    up to a backlog of sockets in one go, before any can be refused)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return configured
-    fitting = max(16, soft - _FD_RESERVE)
+    fitting = max(16, soft - _FD_RESERVE - _BACKLOG)
     if fitting < configured:
         logger.warning(
             "HTTP_MAX_CONNECTIONS lowered from {} to {} to fit the open-file limit ({})",
@@ -158,5 +160,27 @@ async def start_site(app: web.Application, settings: Settings) -> web.AppRunner:
         app, max_connections=settings.http_max_connections, access_log=None, handle_signals=False
     )
     await runner.setup()
-    await web.TCPSite(runner, settings.host, settings.port, backlog=512).start()
+    _quiet_accept_errors(asyncio.get_running_loop())
+    await web.TCPSite(runner, settings.host, settings.port, backlog=_BACKLOG).start()
     return runner
+
+
+def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """asyncio reports every failed accept() (EMFILE, ENFILE, ENOBUFS) as an ERROR with a
+    traceback, many a second under a flood: one line a minute is enough."""
+    once = OncePer()
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        message = str(context.get("message", ""))
+        if "socket.accept() out of system resource" in message:
+            if once("accept"):
+                exc = context.get("exception")
+                logger.warning("accepting connections paused: {}", exc or message.split("\n")[0])
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)

@@ -841,7 +841,8 @@ class RulesAnalyzer:
 
     def __init__(self, *, timeout: float = 120.0, workers: int = 2) -> None:
         self._timeout = timeout
-        self._pool = concurrent.futures.ThreadPoolExecutor(workers, "rules-analyzer")
+        self._workers = workers
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def extract(self, dialog: Dialog) -> LeadFacts:
         msgs = prepare(dialog.messages)
@@ -872,6 +873,8 @@ class RulesAnalyzer:
         )
 
     async def analyze(self, dialog: Dialog) -> AnalysisResult:
+        if self._pool is None:  # threads start on first use (many analyzers never run)
+            self._pool = concurrent.futures.ThreadPoolExecutor(self._workers, "rules-analyzer")
         work = asyncio.get_running_loop().run_in_executor(self._pool, self.extract, dialog)
         try:
             facts = await asyncio.wait_for(work, self._timeout)
@@ -883,4 +886,6 @@ class RulesAnalyzer:
 
     async def close(self) -> None:
         """Let the worker threads go (a running analysis finishes first)."""
-        self._pool.shutdown(wait=False)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None

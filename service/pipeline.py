@@ -242,18 +242,18 @@ def _is_current(state: StoredState, last_message_id: str | None, needs_analysis:
 
 
 def lag_only(dialog: Dialog | None, extra: Sequence[DialogMessage]) -> list[DialogMessage]:
-    """The event messages that may fill Evolution's DB lag; the DB is the truth.
+    """The event messages that may stand in for Evolution's DB; the DB is the truth.
 
-    Evolution stores a message before it sends its webhook, so where the DB has the
-    dialog, an event message it lacks counts only when newer than the DB's newest one: a
-    webhook cannot rewrite or extend a dialog's past, and what it adds at the end is
-    replaced by the DB's own messages at the contact's next analysis. Where the DB has no
-    dialog at all (e.g. Evolution's SAVE_DATA off), event text is all there is.
+    Evolution writes a message to its DB before it sends the webhook
+    (whatsapp.baileys.service.ts: `message.create`, then `sendDataWebhook`), and analysis
+    runs DEBOUNCE_SECONDS later: where the DB has the contact's dialog, a message it still
+    lacks was never stored by Evolution, and only the DB's messages count. Where the DB
+    has no dialog at all (its write lags, or Evolution's SAVE_DATA is off), the events'
+    text is all there is and is used.
     """
-    if not extra or dialog is None or not dialog.messages:
+    if dialog is None or not dialog.messages:
         return list(extra)
-    newest = dialog.messages[-1].timestamp
-    return [m for m in extra if m.timestamp > newest]
+    return []
 
 
 def _empty_dialog(instance: str, phone: str, name: str | None) -> Dialog:

@@ -13,33 +13,16 @@ import time
 from datetime import UTC, datetime, timedelta
 
 from service.analyzers.rules import RulesAnalyzer
-from service.domain.dialog import Contact, Dialog, DialogMessage
+from service.domain.dialog import Dialog, DialogMessage
+from tests.test_prompt import make_dialog
 
-T0 = datetime(2026, 9, 1, tzinfo=UTC)
 # Money amounts repeated: what made the old budget pass quadratic.
 AMOUNTS = "бюджет 500 тыс тенге в месяц, по 5000 за лид, "
 
 
 def dialog_of(texts: list[str]) -> Dialog:
-    messages = [
-        DialogMessage(
-            id=f"m{i}",
-            from_me=i % 2 == 1,
-            timestamp=T0 + timedelta(minutes=i),
-            text=text,
-            type="conversation",
-        )
-        for i, text in enumerate(texts)
-    ]
-    return Dialog(
-        instance="clinic-sales",
-        contact=Contact(phone="77010000001", remote_jid="77010000001@s.whatsapp.net"),
-        messages=messages,
-        incoming_count=sum(1 for m in messages if not m.from_me),
-        outgoing_count=sum(1 for m in messages if m.from_me),
-        first_message_at=messages[0].timestamp,
-        last_message_at=messages[-1].timestamp,
-    )
+    """Client and manager taking turns, the client first."""
+    return make_dialog([(i % 2 == 1, text) for i, text in enumerate(texts)])
 
 
 def huge(chars: int) -> str:

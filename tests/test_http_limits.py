@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import resource
 import signal
 import sys
@@ -23,10 +22,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.rest_support import AUTH, Api, insert_leads, lead_values, open_api
-from tests.test_serve_process import free_port
-
-API_TOKEN = "api-token-0123456789abcdef0123456789ab"
-WEBHOOK_TOKEN = "hook-token-0123456789abcdef0123456789a"
+from tests.test_serve_process import WEBHOOK_TOKEN, free_port, service_env
 
 
 class Served:
@@ -50,21 +46,7 @@ async def serve_process(
     evolution_dsn: str, results_dsn: str, *, nofile: int | None = None, **env_extra: str
 ) -> AsyncIterator[Served]:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME")}
-    env.update(
-        {
-            "PORT": str(port),
-            "HOST": "127.0.0.1",
-            "EVOLUTION_DATABASE_URL": evolution_dsn,
-            "RESULTS_DATABASE_URL": results_dsn,
-            "AMQP_URL": "amqp://guest:guest@127.0.0.1:5999/",  # intake answers 503
-            "API_TOKEN": API_TOKEN,
-            "WEBHOOK_TOKEN": WEBHOOK_TOKEN,
-            "LOG_LEVEL": "INFO",
-            "PYTHONPATH": str(ROOT),
-            **env_extra,
-        }
-    )
+    env = service_env(port, evolution_dsn, results_dsn, LOG_LEVEL="INFO", **env_extra)
 
     def limit_files() -> None:
         if nofile is not None:

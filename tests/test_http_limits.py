@@ -132,12 +132,12 @@ async def test_connection_cap_keeps_the_process_answering(
     ) as served:
         held = []
         for _ in range(400):  # more than the process has descriptors
-            with contextlib.suppress(OSError):
-                held.append(await served.connect())
+            with contextlib.suppress(OSError, TimeoutError):
+                held.append(await asyncio.wait_for(served.connect(), 2))
         await asyncio.sleep(0.5)
         # A new connection gets an answer at once (503 while the cap is reached), never a
         # hang; once the idle ones time out, /health is 200 again.
-        reader, writer = await served.connect()
+        reader, writer = await asyncio.wait_for(served.connect(), 5)
         writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         first = await asyncio.wait_for(reader.read(4096), 5)
         writer.close()

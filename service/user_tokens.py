@@ -13,6 +13,7 @@ the account id).
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -22,6 +23,13 @@ from service.config import Settings
 
 _ASYMMETRIC = ["RS256", "ES256", "EdDSA"]
 LEEWAY_SECONDS = 30
+REFETCH_SECONDS = 60.0
+
+
+def _find(keys: jwt.PyJWKSet | None, kid: Any) -> jwt.PyJWK | None:
+    if keys is None:
+        return None
+    return next((key for key in keys.keys if key.key_id == kid), None)
 
 
 class UserTokens:
@@ -32,6 +40,9 @@ class UserTokens:
             if settings.supabase_jwks_url
             else None
         )
+        self._keys: jwt.PyJWKSet | None = None
+        self._fetched_at = 0.0
+        self._lock = asyncio.Lock()
         self._claim = [part for part in settings.supabase_account_claim.split(".") if part]
         self._audience = settings.supabase_jwt_audience
 
@@ -57,6 +68,22 @@ class UserTokens:
         except ValueError:
             return "access token has no account"
 
+    async def _signing_key(self, kid: Any) -> jwt.PyJWK:
+        """The JWKS key `kid`; an unknown kid refetches the set at most once a minute, so
+        tokens with made-up kids cannot turn into a fetch each."""
+        assert self._jwks is not None
+        async with self._lock:
+            key = _find(self._keys, kid)
+            stale = time.monotonic() - self._fetched_at > REFETCH_SECONDS
+            if key is None and (stale or self._keys is None):
+                # PyJWKClient fetches with urllib (blocking): off the event loop.
+                self._keys = await asyncio.to_thread(self._jwks.get_jwk_set, True)
+                self._fetched_at = time.monotonic()
+                key = _find(self._keys, kid)
+        if key is None:
+            raise jwt.PyJWKClientError("no such signing key")
+        return key
+
     async def _claims(self, token: str) -> dict[str, Any]:
         algorithm = jwt.get_unverified_header(token).get("alg")
         if algorithm == "HS256" and self._secret is not None:
@@ -70,8 +97,7 @@ class UserTokens:
             )
             return claims
         if algorithm in _ASYMMETRIC and self._jwks is not None:
-            # PyJWKClient fetches with urllib (blocking): off the event loop.
-            signing = await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)
+            signing = await self._signing_key(jwt.get_unverified_header(token).get("kid"))
             claims = jwt.decode(
                 token,
                 signing.key,

@@ -245,14 +245,19 @@ async def test_account_claim_is_configurable(results_dsn: str, account: uuid.UUI
         assert status == 200 and [r["id"] for r in body["results"]] == [own]
 
 
+Jwks = tuple[ec.EllipticCurvePrivateKey, str, list[float]]
+
+
 @pytest.fixture
-async def jwks() -> AsyncIterator[tuple[ec.EllipticCurvePrivateKey, str]]:
+async def jwks() -> AsyncIterator[Jwks]:
     """A project's JWKS endpoint (asymmetric signing keys), as Supabase Auth serves it."""
     key = ec.generate_private_key(ec.SECP256R1())
     public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
     public.update({"kid": "key-1", "alg": "ES256", "use": "sig"})
+    fetches: list[float] = []
 
     async def handler(request: web.Request) -> web.Response:
+        fetches.append(time.monotonic())
         return web.json_response({"keys": [public]})
 
     app = web.Application()
@@ -260,15 +265,15 @@ async def jwks() -> AsyncIterator[tuple[ec.EllipticCurvePrivateKey, str]]:
     server = TestServer(app)
     await server.start_server()
     try:
-        yield key, str(server.make_url("/auth/v1/.well-known/jwks.json"))
+        yield key, str(server.make_url("/auth/v1/.well-known/jwks.json")), fetches
     finally:
         await server.close()
 
 
 async def test_supabase_token_signed_with_jwks_key(
-    results_dsn: str, account: uuid.UUID, jwks: tuple[ec.EllipticCurvePrivateKey, str]
+    results_dsn: str, account: uuid.UUID, jwks: Jwks
 ) -> None:
-    key, url = jwks
+    key, url, fetches = jwks
     async with open_api("postgres", results_dsn, account, supabase_jwks_url=url) as api:
         own, _ = await seed(api)
         now = int(time.time())
@@ -286,6 +291,12 @@ async def test_supabase_token_signed_with_jwks_key(
         stranger = ec.generate_private_key(ec.SECP256R1())
         forged = jwt.encode(claims, stranger, algorithm="ES256", headers={"kid": "key-1"})
         assert (await as_(api, forged, "GET", "/dialogs/analysis"))[0] == 401
+        # Made-up key ids do not make a fetch each.
+        fetched = len(fetches)
+        for n in range(20):
+            odd = jwt.encode(claims, stranger, algorithm="ES256", headers={"kid": f"k{n}"})
+            assert (await as_(api, odd, "GET", "/dialogs/analysis"))[0] == 401
+        assert len(fetches) - fetched <= 1, fetches
         # An HS256 token is not accepted when only the JWKS is configured.
         assert (await as_(api, access_token(account), "GET", "/dialogs/analysis"))[0] == 401
 

@@ -64,13 +64,32 @@ class OncePer:
 
 
 class _QuietHandler(RequestHandler):
-    """aiohttp's protocol, with one-line, content-free error logging and bodies."""
+    """aiohttp's protocol, with one-line, content-free error logging and bodies, and a
+    deadline for the first request head of its own (aiohttp 3.14 starts its keep-alive
+    timer with the connection, its main branch does not)."""
 
-    __slots__ = ("_once",)
+    __slots__ = ("_head_timer", "_once")
 
     def __init__(self, manager: web.Server, *, once: OncePer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._once = once
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._head_timer = asyncio.get_running_loop().call_later(
+            self.keepalive_timeout, self._head_overdue
+        )
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+    def _head_overdue(self) -> None:
+        self._head_timer = None
+        if self._request_count == 0:  # no complete request head yet
+            self.force_close()
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
         exc = kw.get("exc_info")

@@ -24,12 +24,13 @@ from loguru import logger
 from handlers.app import context
 from handlers.errors import Handler, error_response
 from handlers.principal import Principal, set_principal
+from handlers.webhooks import ROUTES as WEBHOOK_ROUTES
 from service.api_keys import key_account, looks_like_key
 from service.config import Settings
 from service.intake_guard import bounded
 from service.user_tokens import UserTokens
 
-OPEN_ROUTES = frozenset({"/health", "/webhooks/evolution", "/webhooks/evolution/{event}"})
+OPEN_ROUTES = frozenset({"/health", *WEBHOOK_ROUTES})
 # Platform-wide figures: the admin credential only.
 ADMIN_ROUTES = frozenset({"/metrics"})
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="crm-backend"'}

@@ -24,7 +24,7 @@ from service.intake import Accepted, Ignored, IntakeOutcome, Rejected, parse_web
 
 MAX_MESSAGE_ID_BYTES = 255  # AMQP shortstr: the message id carries `<instance>:<key.id>`
 MAX_REASON_CHARS = 200
-_TEXT_FIELDS = ("instance", "message_id", "remote_jid", "phone_jid", "text", "push_name")
+_TEXT_FIELDS = ("instance", "message_id", "remote_jid", "phone_jid", "lid", "text", "push_name")
 
 
 def bounded(text: str, limit: int = MAX_REASON_CHARS) -> str:
@@ -86,6 +86,7 @@ _WIRE_NAMES = {
     "message_id": "key.id",
     "remote_jid": "key.remoteJid",
     "phone_jid": "key.remoteJidAlt/senderPn",
+    "lid": "key LID",
     "text": "message text",
     "push_name": "pushName",
 }

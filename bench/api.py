@@ -39,7 +39,7 @@ import msgspec
 from bench._servers import server_process
 
 ADMIN_DSN = os.environ.get("BENCH_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-API_TOKEN = "bench-api-token"
+API_TOKEN = "bench-api-token-0123456789abcdef01234567"
 ACCOUNT = uuid.UUID("00000000-0000-4000-8000-00000000000a")  # 90 % of the leads
 OTHER_ACCOUNT = uuid.UUID("00000000-0000-4000-8000-00000000000b")
 
@@ -337,7 +337,7 @@ async def _bench(args: argparse.Namespace) -> int:
         env = {
             "RESULTS_DATABASE_URL": dsn,
             "API_TOKEN": API_TOKEN,
-            "WEBHOOK_TOKEN": "bench-webhook-token",
+            "WEBHOOK_TOKEN": "bench-webhook-token-0123456789abcdef012345",
             "LOG_LEVEL": "WARNING",
         }
         for key in ("SUPABASE_URL", "SUPABASE_SERVICE_KEY", "AUTH_DISABLED"):

@@ -46,8 +46,8 @@ from service.broker.envelope import decode_batch
 from service.broker.topology import Topology
 from service.config import Settings, load_settings
 
-TOKEN = "bench-webhook-token"
-API_TOKEN = "bench-api-token"
+TOKEN = "bench-webhook-token-0123456789abcdef012345"
+API_TOKEN = "bench-api-token-0123456789abcdef01234567"
 PATH = "/webhooks/evolution"
 TARGET_RATIO = 0.6
 TEXT = "Здравствуйте! У нас стоматология в Алматы, хотим больше записей, бюджет 500 тыс"

@@ -47,6 +47,7 @@ from service.config import Settings
 from service.context import AppContext
 from service.domain.dialog import DialogMessage, from_unix
 from service.evolution.resolver import ContactResolver
+from service.intake_guard import event_problem
 from service.logs import contact_hash
 from service.pipeline import HotLead
 
@@ -181,8 +182,21 @@ class ContactConsumer:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             await self._poison(message, f"undecodable: {exc}")
             return
+        # Events that can never be stored (queued before intake refused them, or bridged)
+        # go to the dead-letter queue alone: the contact's good events are processed.
+        for event in batch.events:
+            problem = event_problem(event)
+            if problem is None:
+                continue
+            dead = await self._retry_later(
+                event.instance, [event], self._settings.max_attempts, f"poison event: {problem}"
+            )
+            if not dead:
+                await _nack(message)
+                return
+        good = [event for event in batch.events if event_problem(event) is None]
         try:
-            known = await self._place_unknown(batch.events, headers, attempt)
+            known = await self._place_unknown(good, headers, attempt)
         except Exception as exc:  # broker trouble: the whole delivery comes back later
             logger.warning("could not re-route events of unknown contacts ({})", exc)
             await asyncio.sleep(1.0)

@@ -20,7 +20,7 @@ from service.broker.envelope import (
 )
 from service.broker.topology import Topology
 from service.config import Settings
-from service.logs import contact_hash
+from service.logs import contact_hash_key, keyed_contact_hash
 
 
 class DeadLetter(msgspec.Struct, kw_only=True):
@@ -40,7 +40,7 @@ class ReplayResult(msgspec.Struct, kw_only=True):
     kept: int = 0  # left in the DLQ (undecodable)
 
 
-def _describe(position: int, message: AbstractIncomingMessage) -> DeadLetter:
+def _describe(position: int, message: AbstractIncomingMessage, key: bytes) -> DeadLetter:
     headers = dict(message.headers or {})
     error = headers.get(H_ERROR)
     try:
@@ -63,7 +63,9 @@ def _describe(position: int, message: AbstractIncomingMessage) -> DeadLetter:
         decodable=True,
         events=len(batch.events),
         instances=sorted({e.instance for e in batch.events}),
-        contacts=sorted({contact_hash(e.contact_key.split("@", 1)[0]) for e in batch.events}),
+        contacts=sorted(
+            {keyed_contact_hash(key, e.contact_key.split("@", 1)[0]) for e in batch.events}
+        ),
         first_event_at=min((e.timestamp for e in batch.events), default=None),
     )
 
@@ -79,6 +81,7 @@ def _death_reason(headers: dict[str, Any]) -> str | None:
 async def list_dead(settings: Settings, limit: int = 100) -> tuple[int, list[DeadLetter]]:
     """(queue depth, the first `limit` dead letters); nothing is removed."""
     topology = Topology(settings)
+    key = contact_hash_key(settings)
     connection = await aio_pika.connect(settings.amqp_url)
     held: list[AbstractIncomingMessage] = []
     try:
@@ -92,7 +95,7 @@ async def list_dead(settings: Settings, limit: int = 100) -> tuple[int, list[Dea
             if message is None:
                 break
             held.append(message)
-            letters.append(_describe(len(letters) + 1, message))
+            letters.append(_describe(len(letters) + 1, message, key))
         for message in held:
             await message.nack(requeue=True)
         return depth, letters

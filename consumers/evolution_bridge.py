@@ -25,7 +25,8 @@ from service.broker.envelope import H_ERROR, H_ORIGINAL_ROUTING_KEY
 from service.broker.publisher import BrokerUnavailableError, EventPublisher
 from service.broker.topology import Topology
 from service.context import AppContext
-from service.intake import Accepted, Ignored, event_label, parse_webhook
+from service.intake import Accepted, Ignored, event_label
+from service.intake_guard import parse_checked
 
 _RETRY_PAUSE = 1.0  # seconds before a delivery that could not be published is returned
 
@@ -86,7 +87,9 @@ class EvolutionBridge:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         if self._stopping:
             return  # unacknowledged: returned to the queue when the channel closes
-        outcome = parse_webhook(message.body)
+        outcome = parse_checked(
+            message.body, max_skew_seconds=self._settings.max_clock_skew_seconds
+        )
         counter = self._metrics.webhook_events
         label = event_label(outcome.event)
         if isinstance(outcome, Ignored):

@@ -18,8 +18,12 @@ def make_app(ctx: AppContext) -> web.Application:
     from handlers import dialogs, health, openapi, ready, webhooks
     from handlers.errors import error_middleware
     from handlers.rest_auth import make_auth_middleware
+    from handlers.server import handler_args
 
-    app = web.Application(client_max_size=ctx.settings.webhook_max_body_bytes)
+    app = web.Application(
+        client_max_size=ctx.settings.webhook_max_body_bytes,
+        handler_args=handler_args(ctx.settings),
+    )
     app[CTX] = ctx
     health.setup(app)
     webhooks.setup(app)  # adds the request-id middleware first (outermost)
@@ -29,5 +33,9 @@ def make_app(ctx: AppContext) -> web.Application:
     app.middlewares.append(make_auth_middleware(ctx.settings))
     dialogs.setup(app)
     ready.setup(app)
-    openapi.setup(app, [ep for module in (dialogs, ready, health) for ep, _ in module.ROUTES])
+    openapi.setup(
+        app,
+        [ep for module in (dialogs, ready, health) for ep, _ in module.ROUTES],
+        auth_disabled=ctx.settings.auth_disabled,
+    )
     return app

@@ -7,6 +7,7 @@ account given. Routes and `/openapi.json` are both built from `ROUTES`.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,7 +16,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 from loguru import logger
 
-from handlers.app import context
+from handlers.app import CTX, context
 from handlers.errors import ApiError, decode_body, json_response, parse_query, path_uuid
 from service.backfill import BackfillOptions, run_backfill
 from service.csv_export import csv_chunks
@@ -46,6 +47,7 @@ from service.rest_models import (
 from service.stores.base import DuplicateLeadError, LeadRow, ResultsStore
 
 RouteHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+EXPORTS: web.AppKey[asyncio.Semaphore] = web.AppKey("csv_exports", asyncio.Semaphore)
 EXPORT_CHUNK_ROWS = 500
 _FILENAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -80,6 +82,15 @@ async def stats(request: web.Request) -> web.Response:
 
 async def export_csv(request: web.Request) -> web.StreamResponse:
     params = parse_query(request, ExportParams)
+    exports = request.app[EXPORTS]
+    if exports.locked():
+        raise ApiError(503, "too many CSV exports running (EXPORT_MAX_CONCURRENT), retry later")
+    async with exports:
+        return await _export(request, params)
+
+
+async def _export(request: web.Request, params: ExportParams) -> web.StreamResponse:
+    send_timeout = context(request).settings.export_send_timeout
     rows = _store(request).iter_leads(params.to_query(), chunk_size=1000).__aiter__()
     # The first row is fetched before the response starts, so an unreachable store is
     # still a 503 and not a truncated file.
@@ -99,10 +110,17 @@ async def export_csv(request: web.Request) -> web.StreamResponse:
     written = 0
     try:
         async for chunk in csv_chunks(_chain(first, rows), EXPORT_CHUNK_ROWS):
-            await response.write(chunk)
+            # A client that stops reading holds the chunk in our buffers: bounded wait.
+            async with asyncio.timeout(send_timeout):
+                await response.write(chunk)
             written += 1
     except ConnectionResetError:
         logger.info("CSV export stopped: the client went away after {} chunks", written)
+        return response
+    except TimeoutError:
+        logger.info("CSV export stopped: the client read nothing for {:g} s", send_timeout)
+        if request.transport is not None:
+            request.transport.abort()  # close() would wait for the unread buffer
         return response
     except Exception as exc:
         # Headers are sent: no error status is possible any more. Dropping the connection
@@ -261,7 +279,9 @@ ROUTES: tuple[tuple[Endpoint, RouteHandler], ...] = (
             media_type="text/csv",
             description="UTF-8 with BOM, streamed; every list filter applies. The original's "
             "17 columns first, then niche, score_breakdown and more. Cells starting with "
-            "= + - @, tab or CR are prefixed with ' (formula injection). No match: header only.",
+            "= + - @, tab or CR (also behind blanks or invisible characters, and in "
+            "full-width forms) are prefixed with ' (formula injection). No match: header "
+            "only. 503 while EXPORT_MAX_CONCURRENT exports run.",
         ),
         export_csv,
     ),
@@ -311,5 +331,6 @@ ROUTES: tuple[tuple[Endpoint, RouteHandler], ...] = (
 
 
 def setup(app: web.Application) -> None:
+    app[EXPORTS] = asyncio.Semaphore(app[CTX].settings.export_max_concurrent)
     for endpoint, handler in ROUTES:
         app.router.add_route(endpoint.method, endpoint.path, handler)

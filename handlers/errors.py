@@ -19,6 +19,9 @@ import msgspec
 from aiohttp import web
 from loguru import logger
 
+from handlers.body import BodyError, read_limited
+from handlers.principal import bound_account
+from service.intake_guard import bounded
 from service.stores.base import StoreUnavailableError
 
 T = TypeVar("T", bound=msgspec.Struct)
@@ -90,10 +93,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
     headers: dict[str, str] = {}
+    # The path is echoed, bounded (the query string, which may hold a token, never is).
+    path = bounded(request.path, 100)
+    method = bounded(request.method, 20)
     if exc.status == 404:
-        message = f"no such endpoint: {request.method} {request.path}"
+        message = f"no such endpoint: {method} {path}"
     elif exc.status == 405:
-        message = f"method {request.method} not allowed on {request.path}"
+        message = f"method {method} not allowed on {path}"
         if "Allow" in exc.headers:
             headers["Allow"] = exc.headers["Allow"]
     elif exc.status == 413:
@@ -125,10 +131,25 @@ def parse_query(request: web.Request, kind: type[T]) -> T:
         seen.add(key)
         if value != "":
             raw[key] = value
+    account = bound_account(request)
+    if account is not None and _ACCOUNT in known:
+        raw.setdefault(_ACCOUNT, str(account))  # a bound credential names the account
     try:
-        return msgspec.convert(raw, kind, strict=False)
+        return _checked_account(request, msgspec.convert(raw, kind, strict=False))
     except msgspec.ValidationError as exc:
         raise explain(exc, kind, where="query parameter") from None
+
+
+_ACCOUNT = "userAccountId"
+
+
+def _checked_account(request: web.Request, value: T) -> T:
+    """404 when a bound credential's request names another account (as a foreign lead)."""
+    account = bound_account(request)
+    given = getattr(value, "user_account_id", None)
+    if account is not None and given is not None and given != account:
+        raise ApiError(404, "account not found for this credential", {"field": _ACCOUNT})
+    return value
 
 
 def path_uuid(request: web.Request, name: str = "id") -> uuid.UUID:
@@ -147,24 +168,31 @@ async def decode_body(request: web.Request, kind: type[T]) -> T:
     if not body.strip():
         raise ApiError(400, "request body must be a JSON object")
     try:
-        return msgspec.json.decode(body, type=kind)
+        account = bound_account(request)
+        if account is not None and b'"' + _ACCOUNT.encode() + b'"' not in body:
+            # A bound credential names the account: the body may leave it out.
+            raw = msgspec.json.decode(body)
+            if isinstance(raw, dict) and _ACCOUNT in {
+                f.encode_name for f in msgspec.structs.fields(kind)
+            }:
+                raw[_ACCOUNT] = str(account)
+            return _checked_account(request, msgspec.convert(raw, kind))
+        return _checked_account(request, msgspec.json.decode(body, type=kind))
     except msgspec.ValidationError as exc:
         raise explain(exc, kind, where="field") from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        raise ApiError(400, f"request body is not valid JSON: {bounded(str(exc))}") from None
+    except RecursionError:
+        raise ApiError(400, "request body is JSON nested too deeply") from None
 
 
 async def read_body(request: web.Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, f"request body larger than {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    from handlers.app import context
+
+    try:
+        return await read_limited(request, limit, context(request).settings.http_body_timeout)
+    except BodyError as exc:
+        raise ApiError(exc.status, f"request {exc.message}") from None
 
 
 _AT = re.compile(r" - at `\$(?:\.([^`.\[]+))?[^`]*`$")

@@ -32,10 +32,18 @@ ERROR_TEXT = {
 }
 INTRO = (
     "Scores WhatsApp leads from Evolution API conversations. Every endpoint needs "
-    "`Authorization: Bearer <API_TOKEN>` except `/health` and the webhooks (which use the "
-    "webhook token or Evolution's JWT). Parameter and body names are camelCase; lead rows "
+    "`Authorization: Bearer <credential>` except `/health` and the webhooks (which use the "
+    "webhook token or Evolution's JWT). Credentials: `API_TOKEN` is the platform-wide admin "
+    "(any `userAccountId`); an API key from `crm-backend keys create` or a Supabase Auth "
+    "access token is bound to one account, which then needs no `userAccountId` (another "
+    "one gets 404). Parameter and body names are camelCase; lead rows "
     "use the table's snake_case column names. Errors: "
     '`{"success": false, "error": "...", "details": {...}}`.'
+)
+AUTH_DISABLED_NOTE = (
+    " **AUTH_DISABLED=true on this server: the REST API accepts every request without a "
+    "credential, for any account.** Webhooks still need WEBHOOK_TOKEN or Evolution's JWT "
+    "when either is set, and are open only when neither is."
 )
 
 # The webhook routes belong to `handlers.webhooks` (every URL form Evolution builds); listed
@@ -351,9 +359,13 @@ async def docs(request: web.Request) -> web.Response:
     return web.Response(text=request.app[DOCS_HTML], content_type="text/html")
 
 
-def setup(app: web.Application, endpoints: Iterable[Endpoint]) -> None:
+def setup(
+    app: web.Application, endpoints: Iterable[Endpoint], *, auth_disabled: bool = False
+) -> None:
     """Register /openapi.json and /docs for `endpoints` (plus these two and the webhooks)."""
     doc = build_openapi([*endpoints, *WEBHOOK_ENDPOINTS, *DOC_ENDPOINTS])
+    if auth_disabled:
+        doc["info"]["description"] += AUTH_DISABLED_NOTE
     app[OPENAPI_DOC] = doc
     app[DOCS_HTML] = render_docs(doc)
     app.router.add_get("/openapi.json", openapi_json, allow_head=False)

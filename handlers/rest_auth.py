@@ -1,4 +1,10 @@
-"""Bearer-token authentication of every route but `/health` and the webhooks.
+"""Bearer authentication of every route but `/health` and the webhooks.
+
+Three credentials: API_TOKEN, the platform-wide admin (any `userAccountId`); an API key
+made by `crm-backend keys create` (`crm_…`), bound to one account; a Supabase Auth access
+token, bound to the signed-in user's account. With a bound credential the account comes
+from the credential: a request naming another one gets 404, as a foreign lead does
+(`handlers.errors` applies it where requests are decoded).
 
 The webhook routes check Evolution's credentials themselves (`handlers.webhooks`). The
 decision is taken on the matched route, not on the raw path, so no spelling of a URL can
@@ -9,16 +15,24 @@ anonymous caller learns nothing about which routes exist).
 from __future__ import annotations
 
 import hmac
+import uuid
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from loguru import logger
 
+from handlers.app import context
 from handlers.errors import Handler, error_response
+from handlers.principal import Principal, set_principal
 from handlers.webhooks import ROUTES as WEBHOOK_ROUTES
+from service.api_keys import key_account, looks_like_key
 from service.config import Settings
+from service.intake_guard import bounded
+from service.user_tokens import UserTokens
 
 OPEN_ROUTES = frozenset({"/health", *WEBHOOK_ROUTES})
+# Platform-wide figures: the admin credential only.
+ADMIN_ROUTES = frozenset({"/metrics"})
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="crm-backend"'}
 
 
@@ -39,25 +53,48 @@ def bearer_token(header: str | None) -> str | None:
 def make_auth_middleware(settings: Settings) -> Middleware:
     expected = (settings.api_token or "").encode()
     disabled = settings.auth_disabled
+    users = UserTokens(settings)
 
     @web.middleware
     async def rest_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if disabled or _route_path(request) in OPEN_ROUTES:
+        if _route_path(request) in OPEN_ROUTES:
             return await handler(request)
-        if not expected:
-            # Fail closed: `serve` refuses to start like this, but an embedding app might not.
-            return error_response(
-                401, "API_TOKEN is not configured on the server", None, _CHALLENGE
-            )
+        if disabled:
+            set_principal(request, Principal(kind="open"))
+            return await handler(request)
         given = bearer_token(request.headers.get("Authorization"))
         if given is None:
             return error_response(
                 401, "missing Authorization: Bearer <API_TOKEN> header", None, _CHALLENGE
             )
-        # surrogateescape: header bytes that are not UTF-8 compare unequal, never raise.
-        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
-            logger.info("REST request with a wrong API token refused: {}", request.path)
-            return error_response(401, "invalid API token", None, _CHALLENGE)
+        principal = await _principal(request, given, expected, users)
+        if isinstance(principal, str):
+            logger.info("REST request refused ({}): {}", principal, bounded(request.path, 100))
+            return error_response(401, principal, None, _CHALLENGE)
+        if principal.account is not None and _route_path(request) in ADMIN_ROUTES:
+            return error_response(403, "this endpoint needs the platform's API_TOKEN")
+        set_principal(request, principal)
         return await handler(request)
 
     return rest_auth
+
+
+async def _principal(
+    request: web.Request, given: str, expected: bytes, users: UserTokens
+) -> Principal | str:
+    """Who `given` is, or why it is refused (words safe to return)."""
+    # surrogateescape: header bytes that are not UTF-8 compare unequal, never raise.
+    if expected and hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
+        return Principal(kind="admin")
+    if looks_like_key(given):
+        account = await key_account(context(request).require_store(), given)
+        return Principal(kind="key", account=account) if account else "invalid API key"
+    if users.configured and given.count(".") == 2:
+        verdict = await users.account(given)
+        return (
+            Principal(kind="user", account=verdict) if isinstance(verdict, uuid.UUID) else verdict
+        )
+    if not expected:
+        # Fail closed: `serve` refuses to start like this, but an embedding app might not.
+        return "API_TOKEN is not configured on the server"
+    return "invalid API token"

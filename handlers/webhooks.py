@@ -21,18 +21,21 @@ from aiohttp import web
 from loguru import logger
 
 from handlers.app import context
+from handlers.body import BodyError, read_limited
 from service.broker.publisher import BrokerUnavailableError
+from service.instance_auth import InstanceApikeys
 from service.intake import (
     Accepted,
     Ignored,
     event_label,
     normalize_event,
-    parse_webhook,
     split_event_tail,
 )
+from service.intake_guard import parse_checked
 from service.webhook_auth import WebhookAuth, WebhookCredentials
 
 AUTH: web.AppKey[WebhookAuth] = web.AppKey("webhook_auth", WebhookAuth)
+APIKEYS: web.AppKey[InstanceApikeys] = web.AppKey("instance_apikeys", InstanceApikeys)
 
 _encoder = msgspec.json.Encoder()
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -61,6 +64,10 @@ def _too_large(limit: int) -> web.Response:
     return _json(
         413, {"ok": False, "error": f"body larger than {limit} bytes (WEBHOOK_MAX_BODY_BYTES)"}
     )
+
+
+def _error(exc: BodyError) -> dict[str, Any]:
+    return {"ok": False, "error": exc.message}
 
 
 def _query(request: web.Request) -> tuple[str | None, str | None]:
@@ -101,18 +108,14 @@ async def evolution_webhook(request: web.Request) -> web.Response:
         return _json(401, {"ok": False, "error": decision.reason})
 
     limit = ctx.settings.webhook_max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        counter.labels(label, "too_large").inc()
-        logger.info("webhook refused: body of {} bytes over the limit", request.content_length)
-        return _too_large(limit)
     try:
-        body = await request.read()  # also enforces the limit on chunked bodies
-    except web.HTTPRequestEntityTooLarge:
-        counter.labels(label, "too_large").inc()
-        logger.info("webhook refused: chunked body over the limit")
-        return _too_large(limit)
+        body = await read_limited(request, limit, ctx.settings.http_body_timeout)
+    except BodyError as exc:
+        counter.labels(label, "too_large" if exc.status == 413 else "rejected").inc()
+        logger.info("webhook refused: {}", exc.message)
+        return _too_large(limit) if exc.status == 413 else _json(exc.status, _error(exc))
 
-    outcome = parse_webhook(body, path_event)
+    outcome = parse_checked(body, path_event, max_skew_seconds=ctx.settings.max_clock_skew_seconds)
     label = event_label(outcome.event)
     if isinstance(outcome, Ignored):
         counter.labels(label, "ignored").inc()
@@ -122,6 +125,14 @@ async def evolution_webhook(request: web.Request) -> web.Response:
         counter.labels(label, "rejected").inc()
         logger.info("webhook rejected: {}", outcome.reason)
         return _json(400, {"ok": False, "error": outcome.reason})
+
+    apikeys = request.app.get(APIKEYS)
+    if apikeys is not None:
+        problem = await apikeys.problem(body, outcome.instance)
+        if problem is not None:
+            counter.labels(label, "unauthorized").inc()
+            logger.info("webhook refused: {}", problem, instance=outcome.instance)
+            return _json(401, {"ok": False, "error": problem})
 
     try:
         await ctx.require_publisher().publish(outcome.events)
@@ -167,6 +178,9 @@ def setup(app: web.Application) -> None:
     from handlers.app import CTX
 
     app[AUTH] = WebhookAuth.from_settings(app[CTX].settings)
+    reader = app[CTX].reader
+    if app[CTX].settings.webhook_verify_instance_apikey and reader is not None:
+        app[APIKEYS] = InstanceApikeys(reader)
     app.middlewares.append(request_context)
     for path in ROUTES:
         app.router.add_post(path, evolution_webhook)

@@ -1,6 +1,6 @@
 """First-run setup for `make run` / `make demo` on local services.
 
-Writes `.env` (once) with generated API_TOKEN and WEBHOOK_TOKEN and local URLs, makes sure
+Writes `.env` (once) with generated API_TOKEN, WEBHOOK_TOKEN, CONTACT_HASH_SECRET and local URLs, makes sure
 the local `crm` and `evolution` databases exist (an empty Evolution-shaped one when there is
 none, so the service starts before a real Evolution is connected), and prints what to use.
 """
@@ -25,6 +25,7 @@ TEMPLATE = """\
 # Written by `make run` on first start; edit freely. Every variable: see .env.example.
 API_TOKEN={api_token}
 WEBHOOK_TOKEN={webhook_token}
+CONTACT_HASH_SECRET={contact_hash_secret}
 RESULTS_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/crm
 EVOLUTION_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/evolution
 AMQP_URL=amqp://guest:guest@127.0.0.1:5672/
@@ -48,7 +49,9 @@ async def main() -> None:
     if not env_path.exists():
         env_path.write_text(
             TEMPLATE.format(
-                api_token=secrets.token_urlsafe(24), webhook_token=secrets.token_urlsafe(24)
+                api_token=secrets.token_urlsafe(32),
+                webhook_token=secrets.token_urlsafe(32),
+                contact_hash_secret=secrets.token_urlsafe(32),
             )
         )
         env_path.chmod(0o600)

@@ -15,7 +15,7 @@ from service.pipeline import HotSink, Pipeline
 def make_analyzer(settings: Settings) -> Analyzer:
     from service.analyzers.rules import RulesAnalyzer
 
-    rules = RulesAnalyzer()
+    rules = RulesAnalyzer(timeout=settings.analysis_timeout)
     if settings.analyzer_kind() == "rules":
         return rules
     from service.analyzers.openai_analyzer import OpenAIAnalyzer

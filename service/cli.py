@@ -104,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     isub.add_parser("list")
     remove = isub.add_parser("remove")
     remove.add_argument("name")
+    move = isub.add_parser("move", help="map an instance to another account, with its leads")
+    move.add_argument("name")
+    move.add_argument("--account", type=_uuid, required=True)
+
+    keys = sub.add_parser("keys", help="API keys bound to one account")
+    ksub = keys.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    kcreate = ksub.add_parser("create", help="make a key (printed once, stored hashed)")
+    kcreate.add_argument("--account", type=_uuid, required=True)
+    kcreate.add_argument("--name")
+    ksub.add_parser("list")
+    krevoke = ksub.add_parser("revoke", help="revoke a key by its prefix or id")
+    krevoke.add_argument("key")
 
     dlq = sub.add_parser("dlq", help="inspect and re-queue dead-lettered events")
     dsub = dlq.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -194,6 +206,21 @@ async def _cmd_instances(settings: Settings, args: argparse.Namespace) -> int:
         if args.action == "add":
             mapping = await store.add_instance(args.name, args.account)
             print(f"{mapping.instance_name} -> {mapping.user_account_id}")
+            foreign = await store.foreign_leads(args.name, args.account)
+            if foreign:
+                # Their rows stay the other account's, and analyses for this one skip them.
+                print(
+                    f"warning: {foreign} lead(s) of {args.name} belong to another account and "
+                    f"will not be updated; `crm-backend instances move {args.name} --account "
+                    f"{args.account}` moves them",
+                    file=sys.stderr,
+                )
+        elif args.action == "move":
+            moved = await store.move_instance(args.name, args.account)
+            print(
+                f"{moved.instance_name} -> {moved.user_account_id} "
+                f"(was {moved.previous_account_id or 'unmapped'}; {moved.moved} lead(s) moved)"
+            )
         elif args.action == "list":
             for item in await store.list_instances():
                 print(f"{item.instance_name}\t{item.user_account_id}")
@@ -201,6 +228,37 @@ async def _cmd_instances(settings: Settings, args: argparse.Namespace) -> int:
             if not await store.remove_instance(args.name):
                 raise UserError(f"instance {args.name!r} is not mapped")
             print(f"removed {args.name}")
+    finally:
+        await store.close()
+    return 0
+
+
+async def _cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    from service.api_keys import create_key
+    from service.stores.factory import open_store
+
+    store = await open_store(settings)
+    try:
+        if args.action == "create":
+            key, record = await create_key(store, args.account, args.name)
+            print(key)
+            print(
+                f"key {record.prefix}… for account {record.user_account_id} created; it is "
+                "shown only now",
+                file=sys.stderr,
+            )
+        elif args.action == "list":
+            for item in await store.list_api_keys():
+                state = f"revoked {item.revoked_at:%Y-%m-%d}" if item.revoked_at else "active"
+                print(
+                    f"{item.prefix}\t{item.user_account_id}\t{item.name or ''}\t{state}\t{item.id}"
+                )
+        else:
+            if not await store.revoke_api_key(
+                args.key[:12] if args.key.startswith("crm_") else args.key
+            ):
+                raise UserError(f"no active API key {args.key[:12]!r}")
+            print(f"revoked {args.key[:12]}")
     finally:
         await store.close()
     return 0
@@ -309,6 +367,17 @@ async def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _require_rest_auth(settings: Settings) -> None:
+    if settings.auth_disabled:
+        from loguru import logger
+
+        logger.warning(
+            "AUTH_DISABLED=true: the REST API answers every request without a credential, "
+            "for every account{}; webhooks {}",
+            " (API_TOKEN is set but not checked)" if settings.api_token else "",
+            "still need WEBHOOK_TOKEN / WEBHOOK_JWT_SECRET"
+            if settings.webhook_auth_configured()
+            else "are open to anyone",
+        )
     if not settings.api_token and not settings.auth_disabled:
         raise UserError(
             "API_TOKEN is not set: the REST API refuses to start without it "
@@ -348,14 +417,10 @@ async def _serve_until_stopped(settings: Settings, *, consume: bool, serve: bool
             # retries) and /health, /ready tell what is wrong, while consumers keep
             # trying to connect.
             if serve:
-                from aiohttp import web
-
                 from handlers.app import make_app
+                from handlers.server import start_site
 
-                runner = web.AppRunner(make_app(ctx), access_log=None, handle_signals=False)
-                await runner.setup()
-                site = web.TCPSite(runner, settings.host, settings.port)
-                await site.start()
+                runner = await start_site(make_app(ctx), settings)
                 from loguru import logger
 
                 logger.info("listening on http://{}:{}", settings.host, settings.port)
@@ -414,6 +479,7 @@ _COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], Coroutine[Any, Any
     "backfill": _cmd_backfill,
     "migrate": _cmd_migrate,
     "instances": _cmd_instances,
+    "keys": _cmd_keys,
     "dlq": _cmd_dlq,
     "evolution-index": _cmd_index,
     "demo": _cmd_demo,

@@ -118,6 +118,26 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     webhook_token: str | None = None
     webhook_jwt_secret: str | None = None
     auth_disabled: bool = False
+    # Supabase Auth access tokens on the REST API: HS256 with the project's JWT secret, or
+    # asymmetric keys from the project's JWKS; the account is read from the claim named here
+    # (dotted path), else looked up from the `sub` user's instances.
+    supabase_jwt_secret: str | None = None
+    supabase_jwks_url: str | None = None
+    supabase_account_claim: str = "app_metadata.user_account_id"
+    supabase_jwt_audience: str = "authenticated"
+    # Key of the contact hash in logs (HMAC): without it a hash is reversed by trying phones.
+    contact_hash_secret: str | None = None
+    # Compare the webhook body's `apikey` with the instance's token in Evolution's DB.
+    webhook_verify_instance_apikey: bool = False
+    # Event timestamps later than now + this are clamped to the time of receipt.
+    max_clock_skew_seconds: int = 300
+    # HTTP server limits: seconds to send the request head, seconds per body read, open
+    # connections, seconds a CSV chunk may wait on a client, parallel CSV exports.
+    http_header_timeout: float = 15.0
+    http_body_timeout: float = 60.0
+    http_max_connections: int = 512
+    export_send_timeout: float = 30.0
+    export_max_concurrent: int = 4
     # Evolution sends media inline as base64 when `base64` is on: size for that.
     webhook_max_body_bytes: int = 64 * 1024 * 1024
 
@@ -125,6 +145,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     debounce_seconds: float = 10.0
     analysis_concurrency: int = 8
     max_dialog_messages: int = 200
+    # Characters of one message, and of one dialog (newest kept), any analyzer sees; the
+    # longest an analysis may take before it counts as failed.
+    max_message_chars: int = 4096
+    analysis_max_chars: int = 100_000
+    analysis_timeout: float = 120.0
 
     log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "pretty"] = "json"
@@ -167,6 +192,27 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         ):
             if url and not url.startswith(("postgresql://", "postgres://")):
                 raise ConfigError(f"{name} must be a postgresql:// URL")
+        _check_range("MAX_MESSAGE_CHARS", self.max_message_chars, 100, 1_000_000)
+        _check_range("ANALYSIS_MAX_CHARS", self.analysis_max_chars, 1000, 10_000_000)
+        _check_range("MAX_CLOCK_SKEW_SECONDS", self.max_clock_skew_seconds, 0, 86_400)
+        _check_range("HTTP_MAX_CONNECTIONS", self.http_max_connections, 1, 1_000_000)
+        _check_range("EXPORT_MAX_CONCURRENT", self.export_max_concurrent, 1, 1000)
+        for name, seconds in (
+            ("HTTP_HEADER_TIMEOUT", self.http_header_timeout),
+            ("HTTP_BODY_TIMEOUT", self.http_body_timeout),
+            ("EXPORT_SEND_TIMEOUT", self.export_send_timeout),
+            ("ANALYSIS_TIMEOUT", self.analysis_timeout),
+        ):
+            if not 0 < seconds <= 3600:
+                raise ConfigError(f"{name} must be a number of seconds from 0 to 3600")
+        for name, url in (
+            ("RESULTS_DATABASE_URL", self.results_database_url),
+            ("EVOLUTION_DATABASE_URL", self.evolution_database_url),
+        ):
+            _check_url_port(name, url)
+        if not self.auth_disabled:
+            for name, secret in self.secrets().items():
+                _check_secret(name, secret)
         if self.evolution_database_url:
             parse_database_url(self.evolution_database_url)  # validates ?schema=
         if self.analyzer == "openai" and not self.openai_api_key:
@@ -229,6 +275,17 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             shards.update(range(first, last + 1))
         return sorted(shards)
 
+    def secrets(self) -> dict[str, str]:
+        """The shared secrets that are set, by variable name (never logged)."""
+        values = {
+            "API_TOKEN": self.api_token,
+            "WEBHOOK_TOKEN": self.webhook_token,
+            "WEBHOOK_JWT_SECRET": self.webhook_jwt_secret,
+            "SUPABASE_JWT_SECRET": self.supabase_jwt_secret,
+            "CONTACT_HASH_SECRET": self.contact_hash_secret,
+        }
+        return {name: value for name, value in values.items() if value}
+
     def webhook_auth_configured(self) -> bool:
         return bool(self.webhook_token or self.webhook_jwt_secret)
 
@@ -247,6 +304,36 @@ _EXPECT = {
 def _check_range(name: str, value: int, low: int, high: int) -> None:
     if not low <= value <= high:
         raise ConfigError(f"{name} must be a whole number from {low} to {high}, got {value}")
+
+
+MIN_SECRET_CHARS = 32
+# The values .env.example ships with: a copied example file must not become a live secret.
+PLACEHOLDER_SECRETS = frozenset({"change-me-long-random-string", "change-me-too", "change-me"})
+
+
+def _check_secret(name: str, value: str) -> None:
+    # The message names the variable, never the value.
+    if value.strip().lower() in PLACEHOLDER_SECRETS or value.lower().startswith("change-me"):
+        raise ConfigError(
+            f"{name} is still the .env.example placeholder: set a random secret "
+            "(e.g. `openssl rand -hex 32`)"
+        )
+    if len(value) < MIN_SECRET_CHARS:
+        raise ConfigError(
+            f"{name} must be at least {MIN_SECRET_CHARS} characters long, got {len(value)} "
+            "(e.g. `openssl rand -hex 32`; AUTH_DISABLED=true only for a local trial)"
+        )
+
+
+def _check_url_port(name: str, url: str) -> None:
+    """A port outside 1-65535 is a one-line error here, not a traceback at connect time."""
+    if not url:
+        return
+    netloc = urlsplit(url).netloc.rpartition("@")[2]
+    for host in netloc.split(","):
+        port = host.rpartition("]")[2].rpartition(":")[2] if ":" in host else ""
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ConfigError(f"{name} has a bad port {port[:20]!r}: expected 1 to 65535")
 
 
 def read_dotenv(path: Path) -> dict[str, str]:

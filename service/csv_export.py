@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import unicodedata
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from datetime import datetime
 from operator import attrgetter
@@ -55,7 +56,6 @@ EXTRA_COLUMNS: tuple[str, ...] = (
 COLUMNS: tuple[str, ...] = ORIGINAL_COLUMNS + EXTRA_COLUMNS
 
 # Leading characters that make Excel, LibreOffice or Sheets treat a cell as a formula.
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _FORMULA_CHARS = frozenset("=+-@\t\r")
 
 # Per-column handling, resolved once: cells are formatted by position (this runs for every
@@ -68,9 +68,29 @@ _TEXT_AT = tuple(i for i, c in enumerate(COLUMNS) if _kinds[c] in (str, str | No
 _BREAKDOWN_AT = COLUMNS.index("score_breakdown")
 
 
+# Characters a spreadsheet skips before deciding a cell is a formula: spaces of every
+# kind, zero-width and BOM characters, line breaks and other controls.
+_INVISIBLE = frozenset("\u200b\u200c\u200d\u2060\ufeff\u180e")
+
+
+def is_formula(cell: str) -> bool:
+    """OWASP's rule, applied to the cell as a spreadsheet reads it: after leading blanks
+    and invisible characters, NFKC-normalised (full-width `＝`, small `﹦` → `=`)."""
+    first = cell[0]
+    if first < "\x80" and first not in _FORMULA_CHARS and not first.isspace() and first >= " ":
+        return False  # the common case, decided on one character
+    if first in _FORMULA_CHARS or first in "\n\v\f":
+        return True
+    for ch in cell[:64]:
+        if ch.isspace() or ch in _INVISIBLE or unicodedata.category(ch) in ("Cc", "Cf"):
+            continue
+        return unicodedata.normalize("NFKC", ch)[:1] in _FORMULA_CHARS
+    return False
+
+
 def neutralise(cell: str) -> str:
     """Make a cell inert in spreadsheets (OWASP CSV injection advice: prefix a quote)."""
-    return "'" + cell if cell.startswith(_FORMULA_START) else cell
+    return "'" + cell if cell and is_formula(cell) else cell
 
 
 def cell_text(value: Any) -> str:
@@ -95,7 +115,7 @@ def row_cells(row: LeadRow) -> list[Any]:
     cells: list[Any] = list(_get_cells(row))
     for i in _TEXT_AT:
         text = cells[i]
-        if text and text[0] in _FORMULA_CHARS:
+        if text and is_formula(text):
             cells[i] = "'" + text
     for i in _BOOL_AT:
         flag = cells[i]

@@ -127,14 +127,14 @@ async def run_demo(
     say("preparing a local Evolution database and the results tables ...")
     evolution_dsn = await _fresh_evolution_db(settings, evolution_db)
     await apply_migrations(settings.results_database_url)
-    webhook_token = settings.webhook_token or secrets.token_urlsafe(16)
+    webhook_token = settings.webhook_token or secrets.token_urlsafe(32)
     demo = msgspec.structs.replace(
         settings,
         evolution_database_url=evolution_dsn,
         evolution_db_schema="public",
         amqp_prefix=f"{settings.amqp_prefix}.demo",
         webhook_token=webhook_token,
-        api_token=settings.api_token or secrets.token_urlsafe(16),
+        api_token=settings.api_token or secrets.token_urlsafe(32),
         debounce_seconds=1.0,
         queue_shards=4,
     )

@@ -1,14 +1,18 @@
 """Logging: loguru as the single sink, JSON lines by default, stdlib logging routed in.
 
 Message text and phone numbers are logged only at DEBUG; above it, contacts appear as a
-short hash (`contact_hash`) so lines about one contact can be correlated without the number.
+short keyed hash (`contact_hash`, HMAC with CONTACT_HASH_SECRET) so lines about one contact
+can be correlated without the number.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
+import secrets
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -22,9 +26,51 @@ if TYPE_CHECKING:
 _json = msgspec.json.Encoder()
 
 
-def contact_hash(phone: str) -> str:
-    """Stable, non-reversible-at-a-glance id of a contact for logs above DEBUG."""
-    return hashlib.blake2s(phone.encode(), digest_size=6).hexdigest()
+class ContactRef:
+    """A contact in a log line's `contact_hash` field: the sink writes it as a keyed hash.
+
+    The key is set once by `setup_logging`; a phone number space is small enough that an
+    unkeyed hash is reversed by trying every number, so the plain value never shows.
+    """
+
+    __slots__ = ("phone",)
+
+    def __init__(self, phone: str) -> None:
+        self.phone = phone
+
+    def __str__(self) -> str:
+        return "contact"  # no sink configured: nothing about the number
+
+    __repr__ = __str__
+
+
+def contact_hash(phone: str) -> ContactRef:
+    """The contact for a log line's `contact_hash` field (keyed hash, see `ContactRef`)."""
+    return ContactRef(phone)
+
+
+def keyed_contact_hash(key: bytes, phone: str) -> str:
+    return hmac.new(key, phone.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def contact_hash_key(settings: Settings) -> bytes:
+    """CONTACT_HASH_SECRET; else a key derived from the other secrets (stable across
+    restarts); else a random one for this process."""
+    if settings.contact_hash_secret:
+        return settings.contact_hash_secret.encode()
+    material = "\0".join(sorted(settings.secrets().values()))
+    if material:
+        return hmac.new(material.encode(), b"crm-backend contact hash", hashlib.sha256).digest()
+    return secrets.token_bytes(32)
+
+
+def _hash_contacts(key: bytes) -> Callable[[Record], None]:
+    def patch(record: Record) -> None:
+        ref = record["extra"].get("contact_hash")
+        if isinstance(ref, ContactRef):
+            record["extra"]["contact_hash"] = keyed_contact_hash(key, ref.phone)
+
+    return patch
 
 
 def _json_sink(message: Message) -> None:
@@ -57,6 +103,7 @@ class _InterceptHandler(logging.Handler):
 
 def setup_logging(settings: Settings) -> None:
     logger.remove()
+    logger.configure(patcher=_hash_contacts(contact_hash_key(settings)))
     if settings.log_format == "pretty":
         logger.add(
             sys.stderr,

@@ -28,6 +28,7 @@ from service.domain.dialog import (
 )
 from service.domain.facts import LeadFacts, empty_facts
 from service.domain.scoring import Score, derive, interest_for, score
+from service.domain.text_bounds import bounded_dialog
 from service.logs import contact_hash
 from service.metrics import Metrics
 from service.stores.base import AnalysisWrite, LeadRow, ResultsStore, StoredState
@@ -130,14 +131,16 @@ class Pipeline:
         dialog = await self._reader.dialog(
             instance, phone, limit=self._settings.max_dialog_messages
         )
-        if dialog is None and state is not None and (extra_messages or changed):
+        # Where Evolution's DB has the dialog it is the truth (see `lag_only`).
+        extra = lag_only(dialog, extra_messages)
+        if dialog is None and state is not None and (extra or changed):
             # No rows in Evolution's database (DATABASE_SAVE_DATA_NEW_MESSAGE off): the
             # stored lead holds the dialog so far, so a new event adds to it instead of
             # starting the counts and first message over.
             dialog = await self._stored_dialog(account, state, instance, phone)
-        if extra_messages:
+        if extra:
             base = dialog or _empty_dialog(instance, phone, contact_name)
-            dialog = merge_messages(base, list(extra_messages), self._settings.max_dialog_messages)
+            dialog = merge_messages(base, extra, self._settings.max_dialog_messages)
         if dialog is not None and changed:
             dialog = apply_changes(dialog, edits, deleted)
             dialog = _keep_last_activity(dialog, state)
@@ -148,18 +151,35 @@ class Pipeline:
         if not force and state is not None and _is_current(state, dialog.last_message_id, enough):
             return self._done("unchanged", instance, phone, state=state)
 
+        if force and state is not None:
+            # A rebuild from the dialog: a stored time from the future must not win.
+            await self._store.forget_dialog_time(account, instance, phone)
         if not enough:
             write = _new_lead_write(dialog, account)
             result = await self._store.upsert_analysis(write)
             outcome: Outcome = "new_lead" if result.applied else "stale"
             return self._done(outcome, instance, phone, score=write.score, lead_id=result.id)
 
-        analysis = await self._analyzer.analyze(dialog)
+        analysis = await self._analyzer.analyze(
+            bounded_dialog(
+                dialog,
+                message_chars=self._settings.max_message_chars,
+                dialog_chars=self._settings.analysis_max_chars,
+            )
+        )
         facts = _apply_manual(analysis.facts, state)
         lead_score = _final_score(facts, state)
         write = _analysis_write(dialog, account, facts, lead_score, analysis)
         result = await self._store.upsert_analysis(write)
         self._record(analysis, lead_score, started)
+        if not result.applied and result.id is None:
+            logger.warning(
+                "the stored lead belongs to another account than the instance's; this "
+                "analysis dropped (`crm-backend instances move` moves an instance's leads)",
+                instance=instance,
+                contact_hash=contact_hash(phone),
+            )
+            return self._done("stale", instance, phone, analyzer=analysis.analyzer)
         if not result.applied:
             logger.info(
                 "newer analysis already stored; this one dropped",
@@ -250,6 +270,21 @@ def _is_current(state: StoredState, last_message_id: str | None, needs_analysis:
     # A row stored as new_lead must still be analysed once the contact crosses the
     # threshold (the threshold may have been lowered since).
     return not (needs_analysis and state.analyzer is None)
+
+
+def lag_only(dialog: Dialog | None, extra: Sequence[DialogMessage]) -> list[DialogMessage]:
+    """The event messages that may stand in for Evolution's DB; the DB is the truth.
+
+    Evolution writes a message to its DB before it sends the webhook
+    (whatsapp.baileys.service.ts: `message.create`, then `sendDataWebhook`), and analysis
+    runs DEBOUNCE_SECONDS later: where the DB has the contact's dialog, a message it still
+    lacks was never stored by Evolution, and only the DB's messages count. Where the DB
+    has no dialog at all (its write lags, or Evolution's SAVE_DATA is off), the events'
+    text is all there is and is used.
+    """
+    if dialog is None or not dialog.messages:
+        return list(extra)
+    return []
 
 
 def _empty_dialog(instance: str, phone: str, name: str | None) -> Dialog:

@@ -83,7 +83,8 @@ def check_webhook_auth_config(settings: Settings) -> None:
 
 def token_matches(expected: str, presented: str) -> bool:
     """Constant-time comparison of a presented token with the configured one."""
-    return hmac.compare_digest(expected.encode(), presented.encode())
+    # surrogateescape: header bytes that are not UTF-8 compare unequal, never raise.
+    return hmac.compare_digest(expected.encode(), presented.encode("utf-8", "surrogateescape"))
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -126,7 +127,7 @@ def verify_jwt(
         return "JWT not valid yet"
     except jwt.InvalidAlgorithmError:
         return "JWT algorithm must be HS256"
-    except jwt.PyJWTError:
+    except (jwt.PyJWTError, UnicodeError):
         return "JWT malformed"
     if claims.get("app") != "evolution" or claims.get("action") != "webhook":
         return "JWT claims app/action wrong"

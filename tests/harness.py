@@ -26,8 +26,8 @@ from service.config import Settings, load_settings
 from service.context import AppContext
 from service.stores.base import LeadRow
 
-WEBHOOK_TOKEN = "test-webhook-token"
-API_TOKEN = "test-api-token"
+WEBHOOK_TOKEN = "test-webhook-token-0123456789abcdef0123"
+API_TOKEN = "test-api-token-0123456789abcdef012345678"
 INSTANCE = "clinic-sales"
 _ids = itertools.count(1)
 

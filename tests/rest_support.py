@@ -28,7 +28,7 @@ from service.context import AppContext
 from service.stores.base import ResultsStore
 from tests.fakes.postgrest_server import SERVICE_KEY
 
-API_TOKEN = "rest-test-token"
+API_TOKEN = "rest-test-token-0123456789abcdef0123456"
 INSTANCE = "clinic-sales"
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 BASE_TIME = datetime(2026, 9, 1, 12, 0, tzinfo=UTC)
@@ -40,7 +40,7 @@ def rest_settings(results_dsn: str, evolution_dsn: str = "", **overrides: Any) -
     env = {
         "RESULTS_DATABASE_URL": results_dsn,
         "API_TOKEN": API_TOKEN,
-        "WEBHOOK_TOKEN": "rest-test-webhook-token",
+        "WEBHOOK_TOKEN": "rest-test-webhook-token-0123456789abcdef",
         "ANALYZER": "rules",
         "LOG_LEVEL": "WARNING",
     }

@@ -108,12 +108,12 @@ def test_broker_down(workdir: Path) -> None:
 
 
 def test_serve_without_api_token(workdir: Path) -> None:
-    line = one_error_line(cli("serve", cwd=workdir, WEBHOOK_TOKEN="w"))
+    line = one_error_line(cli("serve", cwd=workdir, WEBHOOK_TOKEN="w" * 40))
     assert "API_TOKEN is not set" in line
 
 
 def test_serve_without_webhook_auth(workdir: Path) -> None:
-    line = one_error_line(cli("serve", cwd=workdir, API_TOKEN="a"))
+    line = one_error_line(cli("serve", cwd=workdir, API_TOKEN="a" * 40))
     assert "WEBHOOK_TOKEN" in line
 
 

@@ -67,7 +67,9 @@ def test_formula_prefixes_are_neutralised(prefix: str) -> None:
     assert neutralise(prefix + "1+1") == "'" + prefix + "1+1"
 
 
-@pytest.mark.parametrize("cell", ["", "Анна", "1+1", "a=b", " =x", "'=quoted", "77012345601"])
+@pytest.mark.parametrize(
+    "cell", ["", "Анна", "1+1", "a=b", "x =y", "'=quoted", "77012345601", "  Анна", "１２"]
+)
 def test_harmless_cells_stay_as_they_are(cell: str) -> None:
     assert neutralise(cell) == cell
 

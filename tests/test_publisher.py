@@ -31,8 +31,8 @@ from service.broker.topology import DELIVERY_LIMIT, H_RETRY_TIER, Topology
 from service.config import Settings, load_settings
 from tests.harness import delete_topology
 
-WEBHOOK_TOKEN = "intake-test-token"
-API_TOKEN = "intake-test-api-token"
+WEBHOOK_TOKEN = "intake-test-token-0123456789abcdef012345"
+API_TOKEN = "intake-test-api-token-0123456789abcdef01"
 
 
 # -- shared helpers (also used by test_intake and test_webhook_auth) -----------------------

@@ -27,6 +27,7 @@ from service.pipeline import Pipeline
 from service.rest_models import AnalysisListParams, LeadPatchBody
 from tests.harness import delete_topology
 from tests.rest_support import (
+    API_TOKEN,
     INSTANCE,
     Api,
     open_store,
@@ -237,7 +238,7 @@ async def test_ready_with_an_unreachable_broker(pg_api: Api) -> None:
 async def test_metrics_after_an_analysis(full_api: Api) -> None:
     await full_api.call("POST", "/dialogs/analyze", json=analyze_body(full_api))
     response = await full_api.client.get(
-        "/metrics", headers={"Authorization": "Bearer rest-test-token"}
+        "/metrics", headers={"Authorization": "Bearer " + API_TOKEN}
     )
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("text/plain")
@@ -310,7 +311,7 @@ class _Collect(HTMLParser):
 
 
 async def test_docs_page_lists_every_endpoint_offline(pg_api: Api) -> None:
-    response = await pg_api.client.get("/docs", headers={"Authorization": "Bearer rest-test-token"})
+    response = await pg_api.client.get("/docs", headers={"Authorization": "Bearer " + API_TOKEN})
     assert response.status == 200
     assert response.content_type == "text/html"
     page = await response.text()
@@ -344,7 +345,7 @@ async def test_metrics_refresh_the_dead_letter_queue_depth(
             ctx = AppContext(settings=settings, store=store)
             async with serve(ctx) as client:
                 response = await client.get(
-                    "/metrics", headers={"Authorization": "Bearer rest-test-token"}
+                    "/metrics", headers={"Authorization": "Bearer " + API_TOKEN}
                 )
                 text = await response.text()
         depth = next(

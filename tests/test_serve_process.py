@@ -21,10 +21,12 @@ def free_port() -> int:
     return port
 
 
-async def test_run_without_broker_serves_health_and_503(
-    evolution_dsn: str, results_dsn: str
-) -> None:
-    port = free_port()
+API_TOKEN = "api-token-0123456789abcdef0123456789ab"
+WEBHOOK_TOKEN = "hook-token-0123456789abcdef0123456789a"
+
+
+def service_env(port: int, evolution_dsn: str, results_dsn: str, **extra: str) -> dict[str, str]:
+    """The environment of a service process on fresh databases, with no broker."""
     env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME")}
     env.update(
         {
@@ -33,12 +35,21 @@ async def test_run_without_broker_serves_health_and_503(
             "EVOLUTION_DATABASE_URL": evolution_dsn,
             "RESULTS_DATABASE_URL": results_dsn,
             "AMQP_URL": "amqp://guest:guest@127.0.0.1:5999/",  # nothing listens here
-            "API_TOKEN": "api",
-            "WEBHOOK_TOKEN": "hook",
+            "API_TOKEN": API_TOKEN,
+            "WEBHOOK_TOKEN": WEBHOOK_TOKEN,
             "LOG_LEVEL": "WARNING",
             "PYTHONPATH": str(ROOT),
+            **extra,
         }
     )
+    return env
+
+
+async def test_run_without_broker_serves_health_and_503(
+    evolution_dsn: str, results_dsn: str
+) -> None:
+    port = free_port()
+    env = service_env(port, evolution_dsn, results_dsn)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -71,9 +82,14 @@ async def test_run_without_broker_serves_health_and_503(
                     "messageTimestamp": 1759482845,
                 },
             }
-            async with http.post(f"{base}/webhooks/evolution?token=hook", json=body) as resp:
+            async with http.post(
+                f"{base}/webhooks/evolution?token={WEBHOOK_TOKEN}", json=body
+            ) as resp:
                 assert resp.status == 503
-            async with http.get(f"{base}/ready", headers={"Authorization": "Bearer api"}) as resp:
+            async with http.get(
+                f"{base}/ready",
+                headers={"Authorization": f"Bearer {API_TOKEN}"},
+            ) as resp:
                 assert resp.status == 503
                 assert "broker" in (await resp.text())
         proc.send_signal(signal.SIGTERM)

@@ -22,7 +22,7 @@ from tests.test_intake import body_of, intake_app, message
 from tests.test_publisher import WEBHOOK_TOKEN, amqp_settings, drain, events_of
 
 SECRET = "evolution-webhook-jwt-secret-0123456789"  # 32+ bytes, as HS256 wants
-TOKEN = "s3cret-webhook-token"
+TOKEN = "s3cret-webhook-token-0123456789abcdef012"
 # Evolution resends one token through its retry schedule: `exp` is extended by this.
 GRACE = JWT_RETRY_GRACE_SECONDS
 
@@ -56,7 +56,7 @@ def evolution_jwt(
         ({"AUTH_DISABLED": "true"}, True),
         ({"WEBHOOK_TOKEN": TOKEN}, True),
         ({"WEBHOOK_JWT_SECRET": SECRET}, True),
-        ({"AUTH_DISABLED": "false", "API_TOKEN": "x"}, False),
+        ({"AUTH_DISABLED": "false", "API_TOKEN": "x" * 40}, False),
     ],
 )
 def test_intake_refuses_to_start_without_auth(env: dict[str, str], ok: bool) -> None:

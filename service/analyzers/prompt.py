@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from collections.abc import Sequence
 
 import msgspec
 
+from service.analyzers import prompt_text
 from service.analyzers.schema import lead_facts_schema_json
 from service.config import Settings
 from service.domain.dialog import Dialog, DialogMessage
@@ -89,8 +89,6 @@ no meeting agreed.
 Use null for anything the dialog does not tell; do not guess.\
 """
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
-
 
 class RenderedDialog(msgspec.Struct, frozen=True, kw_only=True):
     """The dialog block's lines and what was left out of it."""
@@ -121,10 +119,7 @@ def neutralise(text: str) -> str:
     Angle brackets become look-alikes (no `</dialog>` can close the block), control and
     bidi characters go, and continuation lines are indented (no forged message lines).
     """
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _CONTROL.sub("", text)
-    text = text.replace("<", "‹").replace(">", "›")
-    return text.strip().replace("\n", "\n" + CONTINUATION)
+    return prompt_text.neutralise(text, CONTINUATION)
 
 
 def message_prefix(message: DialogMessage) -> str:

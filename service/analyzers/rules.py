@@ -13,6 +13,8 @@ Pure CPU and deterministic: the same dialog always gives the same facts. Pattern
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import re
 from collections.abc import Mapping, Sequence
 from functools import cached_property
@@ -23,7 +25,7 @@ from typing import Literal
 import msgspec
 
 from service.analyzers import rules_lexicon as lx
-from service.analyzers.base import AnalysisResult
+from service.analyzers.base import AnalysisResult, AnalyzerUnavailableError
 from service.domain.dialog import Dialog, DialogMessage
 from service.domain.facts import Action, FunnelStage, LeadFacts, MainIntent, Niche
 
@@ -387,6 +389,9 @@ def _table_value(table: Sequence[tuple[str, float]], word: str | None) -> float 
     return None
 
 
+_CONTEXT_CHARS = 48  # words around an amount that say it is no budget ("по", "подписчиков")
+
+
 def _money_in(text: str, raw: str, budget_question: bool, lang: Lang) -> list[_Money]:
     """Money amounts in one message; a bare number only as the whole answer to a budget
     question ("Сколько готовы вкладывать?" - "200")."""
@@ -401,9 +406,11 @@ def _money_in(text: str, raw: str, budget_question: bool, lang: Lang) -> list[_M
         start = match.start() + len(groups["approx"] or "")
         if number is None or (start > 0 and (text[start - 1].isalnum() or text[start - 1] in ".,")):
             continue
-        if _hit(lx.NOT_MONEY_AFTER, text[match.end() :]) or _hit(
-            lx.PER_UNIT_BEFORE, text[: match.start()]
-        ):
+        # Bounded windows around the amount: slicing the rest of the text per match made
+        # a message repeating amounts quadratic.
+        after = text[match.end() : match.end() + _CONTEXT_CHARS]
+        before = text[max(0, match.start() - _CONTEXT_CHARS) : match.start()]
+        if _hit(lx.NOT_MONEY_AFTER, after) or _hit(lx.PER_UNIT_BEFORE, before):
             continue
         value = _upper_bound(number)
         if value is None:
@@ -822,9 +829,20 @@ def _reasoning(
 
 
 class RulesAnalyzer:
-    """Deterministic facts from keyword and pattern rules (Russian and English)."""
+    """Deterministic facts from keyword and pattern rules (Russian and English).
+
+    `analyze` runs the CPU work on worker threads, never on the event loop: every
+    pattern pass is linear in the (bounded) text, so each `re` call is short and the loop
+    gets the interpreter back within milliseconds; an analysis over `timeout` seconds
+    counts as a transient failure.
+    """
 
     name = "rules"
+
+    def __init__(self, *, timeout: float = 120.0, workers: int = 2) -> None:
+        self._timeout = timeout
+        self._workers = workers
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def extract(self, dialog: Dialog) -> LeadFacts:
         msgs = prepare(dialog.messages)
@@ -855,7 +873,19 @@ class RulesAnalyzer:
         )
 
     async def analyze(self, dialog: Dialog) -> AnalysisResult:
-        return AnalysisResult(facts=self.extract(dialog), analyzer=self.name, usage=None)
+        if self._pool is None:  # threads start on first use (many analyzers never run)
+            self._pool = concurrent.futures.ThreadPoolExecutor(self._workers, "rules-analyzer")
+        work = asyncio.get_running_loop().run_in_executor(self._pool, self.extract, dialog)
+        try:
+            facts = await asyncio.wait_for(work, self._timeout)
+        except TimeoutError:
+            raise AnalyzerUnavailableError(
+                f"rules analysis took longer than {self._timeout:g} s (ANALYSIS_TIMEOUT)"
+            ) from None
+        return AnalysisResult(facts=facts, analyzer=self.name, usage=None)
 
     async def close(self) -> None:
-        """Nothing to release: the analyzer holds no connections."""
+        """Let the worker threads go (a running analysis finishes first)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None

@@ -424,6 +424,14 @@ class EvolutionReader:
         found = await self._fetchval(sql, name)
         return bool(found)
 
+    async def instance_token(self, name: str) -> str | None:
+        """The instance's API key ("Instance".token), which Evolution sends as the webhook
+        body's `apikey` when AUTHENTICATION_EXPOSE_IN_FETCH_INSTANCES is on."""
+        table = f'{quote_ident(self.schema)}."Instance"'
+        sql = f"SELECT token FROM {table} WHERE name = $1 LIMIT 1"  # noqa: S608
+        token: str | None = await self._fetchval(sql, name)
+        return token
+
     # -- contacts ---------------------------------------------------------------------
     async def contacts(
         self,

@@ -212,6 +212,24 @@ class InstanceMapping(msgspec.Struct, kw_only=True):
     created_at: datetime | None = None
 
 
+class ApiKey(msgspec.Struct, kw_only=True):
+    """A stored API key (its hash stays in the database)."""
+
+    id: uuid.UUID
+    prefix: str
+    user_account_id: uuid.UUID
+    name: str | None = None
+    created_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+class InstanceMove(msgspec.Struct, kw_only=True):
+    instance_name: str
+    user_account_id: uuid.UUID
+    previous_account_id: uuid.UUID | None = None
+    moved: int = 0  # leads whose account changed
+
+
 class DuplicateLeadError(Exception):
     """A lead for (instance, phone) exists already."""
 
@@ -283,6 +301,24 @@ class ResultsStore(Protocol):
     async def list_instances(self) -> list[InstanceMapping]: ...
 
     async def remove_instance(self, instance: str) -> bool: ...
+
+    async def move_instance(self, instance: str, account: uuid.UUID) -> InstanceMove: ...
+
+    async def foreign_leads(self, instance: str, account: uuid.UUID) -> int: ...
+
+    # `backfill --force`: let a rebuild from the dialog replace the stored row
+    async def forget_dialog_time(self, account: uuid.UUID, instance: str, phone: str) -> bool: ...
+
+    # account-bound API keys (stored as SHA-256 hashes)
+    async def create_api_key(
+        self, key_hash: str, prefix: str, account: uuid.UUID, name: str | None
+    ) -> ApiKey: ...
+
+    async def list_api_keys(self) -> list[ApiKey]: ...
+
+    async def revoke_api_key(self, ref: str) -> int: ...
+
+    async def api_key_account(self, key_hash: str) -> uuid.UUID | None: ...
 
 
 # -- helpers shared by the store implementations -----------------------------------------

@@ -20,8 +20,10 @@ import msgspec
 from service.stores.base import (
     STATE_COLUMNS,
     AnalysisWrite,
+    ApiKey,
     DuplicateLeadError,
     InstanceMapping,
+    InstanceMove,
     InstanceOwnedError,
     LeadQuery,
     LeadRow,
@@ -262,6 +264,54 @@ class PostgresStore:
             )
         return removed is not None
 
+    async def move_instance(self, instance: str, account: uuid.UUID) -> InstanceMove:
+        with self._guard("moving an instance"):
+            result = await self._pool.fetchval(
+                "SELECT crm_move_instance($1, $2)", instance, account
+            )
+        return msgspec.convert(result, InstanceMove)
+
+    async def foreign_leads(self, instance: str, account: uuid.UUID) -> int:
+        with self._guard("counting an instance's leads"):
+            count: int = await self._pool.fetchval(
+                "SELECT crm_foreign_leads($1, $2)", instance, account
+            )
+        return count
+
+    async def forget_dialog_time(self, account: uuid.UUID, instance: str, phone: str) -> bool:
+        with self._guard("resetting a lead"):
+            done: bool = await self._pool.fetchval(
+                "SELECT crm_forget_dialog_time($1, $2, $3)", account, instance, phone
+            )
+        return done
+
+    # -- API keys ---------------------------------------------------------------------
+    async def create_api_key(
+        self, key_hash: str, prefix: str, account: uuid.UUID, name: str | None
+    ) -> ApiKey:
+        with self._guard("creating an API key"):
+            result = await self._pool.fetchval(
+                "SELECT crm_api_key_create($1, $2, $3, $4)", key_hash, prefix, account, name
+            )
+        return msgspec.convert(result, ApiKey)
+
+    async def list_api_keys(self) -> list[ApiKey]:
+        with self._guard("listing API keys"):
+            result = await self._pool.fetchval("SELECT crm_api_key_list()")
+        return msgspec.convert(result, list[ApiKey])
+
+    async def revoke_api_key(self, ref: str) -> int:
+        with self._guard("revoking an API key"):
+            count: int = await self._pool.fetchval("SELECT crm_api_key_revoke($1)", ref)
+        return count
+
+    async def api_key_account(self, key_hash: str) -> uuid.UUID | None:
+        with self._guard("checking an API key"):
+            account: uuid.UUID | None = await self._pool.fetchval(
+                "SELECT crm_api_key_account($1)", key_hash
+            )
+        return account
+
     # -- errors -----------------------------------------------------------------------
     @contextlib.contextmanager
     def _guard(self, doing: str) -> Iterator[None]:
@@ -283,7 +333,8 @@ def checked_mapping(result: Any, instance: str, account: uuid.UUID) -> InstanceM
     if mapping.user_account_id != account:
         raise InstanceOwnedError(
             f"instance {instance!r} is mapped to another account "
-            f"({mapping.user_account_id}); remove it first to move it"
+            f"({mapping.user_account_id}); `crm-backend instances move {instance} --account "
+            f"{account}` moves it together with its leads"
         )
     return mapping
 

@@ -34,8 +34,10 @@ from supabase import AsyncClientOptions, acreate_client
 from service.stores.base import (
     STATE_COLUMNS,
     AnalysisWrite,
+    ApiKey,
     DuplicateLeadError,
     InstanceMapping,
+    InstanceMove,
     LeadQuery,
     LeadRow,
     LeadStats,
@@ -451,6 +453,54 @@ class SupabaseStore:
             found.extend(msgspec.convert(r, InstanceMapping) for r in response.data)
             if not response.data:
                 return found
+
+    async def move_instance(self, instance: str, account: uuid.UUID) -> InstanceMove:
+        data = await self._call(
+            "moving an instance",
+            "crm_move_instance",
+            {"p_instance": instance, "p_account": str(account)},
+        )
+        return msgspec.convert(data, InstanceMove)
+
+    async def foreign_leads(self, instance: str, account: uuid.UUID) -> int:
+        data = await self._call(
+            "counting an instance's leads",
+            "crm_foreign_leads",
+            {"p_instance": instance, "p_account": str(account)},
+        )
+        return int(data)
+
+    async def forget_dialog_time(self, account: uuid.UUID, instance: str, phone: str) -> bool:
+        params = {"p_account": str(account), "p_instance": instance, "p_phone": phone}
+        return bool(await self._call("resetting a lead", "crm_forget_dialog_time", params))
+
+    async def create_api_key(
+        self, key_hash: str, prefix: str, account: uuid.UUID, name: str | None
+    ) -> ApiKey:
+        params = {"p_hash": key_hash, "p_prefix": prefix, "p_account": str(account), "p_name": name}
+        data = await self._call(
+            "creating an API key", "crm_api_key_create", params, repeatable=False
+        )
+        return msgspec.convert(data, ApiKey)
+
+    async def list_api_keys(self) -> list[ApiKey]:
+        data = await self._call("listing API keys", "crm_api_key_list", {})
+        return msgspec.convert(data or [], list[ApiKey])
+
+    async def revoke_api_key(self, ref: str) -> int:
+        return int(await self._call("revoking an API key", "crm_api_key_revoke", {"p_ref": ref}))
+
+    async def api_key_account(self, key_hash: str) -> uuid.UUID | None:
+        data = await self._call("checking an API key", "crm_api_key_account", {"p_hash": key_hash})
+        return uuid.UUID(data) if data else None
+
+    async def _call(
+        self, doing: str, function: str, params: dict[str, Any], *, repeatable: bool = True
+    ) -> Any:
+        response = await self._run(
+            doing, lambda: self._client.rpc(function, params).execute(), repeatable=repeatable
+        )
+        return response.data
 
     async def remove_instance(self, instance: str) -> bool:
         response = await self._run(

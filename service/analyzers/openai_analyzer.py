@@ -216,6 +216,8 @@ class OpenAIAnalyzer:
                 fold_system=bool(shape.fold_system),
             )
             usage.calls += 1
+            # Until the answer reports usage (cancelled calls never do).
+            usage.calls_without_usage += 1
             try:
                 # No `temperature`: reasoning models reject it, and extraction needs no
                 # sampling tweaks beyond the schema.
@@ -228,15 +230,12 @@ class OpenAIAnalyzer:
                     body=shape.body(prompt.messages(), cache_key),
                 )
             except APIStatusError as exc:
-                usage.calls_without_usage += 1
                 if shape.learn(exc.status_code, exc.message, _param(exc), exc.code):
                     continue  # the same request in a shape this server takes
                 failure = self._classify(exc)
             except APITimeoutError:
-                usage.calls_without_usage += 1
                 failure = _Transient(f"timed out after {self._settings.openai_timeout:g} s")
             except APIConnectionError as exc:
-                usage.calls_without_usage += 1
                 failure = _Transient(f"connection error: {exc.__cause__ or exc}")
             else:
                 add_usage(usage, completion)
@@ -340,6 +339,7 @@ def add_usage(usage: TokenUsage, completion: ChatCompletion) -> None:
     reported = completion.usage
     if reported is None:
         return
+    usage.calls_without_usage = max(0, usage.calls_without_usage - 1)
     usage.prompt_tokens += reported.prompt_tokens or 0
     usage.completion_tokens += reported.completion_tokens or 0
     details = reported.prompt_tokens_details

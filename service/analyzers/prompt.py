@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 
@@ -179,6 +179,7 @@ def render_dialog(
         [len(line) + 1 for _, line, _ in entries],
         max_messages=max_messages,
         max_chars=max_chars,
+        first_number=first_number,
     )
     if start is None:
         # Not even the newest message fits: it goes in alone, cut to what the budget allows.
@@ -198,7 +199,12 @@ def render_dialog(
 
 
 def _stable_start(
-    numbers: Sequence[int], sizes: Sequence[int], *, max_messages: int, max_chars: int
+    numbers: Sequence[int],
+    sizes: Sequence[int],
+    *,
+    max_messages: int,
+    max_chars: int,
+    first_number: int,
 ) -> int | None:
     """Index of the first shown entry: the lowest grid point whose tail fits, coarse grid
     first; None when not even the newest entry fits."""
@@ -210,18 +216,36 @@ def _stable_start(
     def fits(i: int) -> bool:
         return count - i <= max_messages and tail_chars[i] <= max_chars
 
-    if count == 0 or fits(0):
+    if count == 0 or (first_number == 0 and fits(0)):
         return 0
+
+    def ample(i: int) -> bool:
+        # A jump must leave at least half of one budget, or the model sees too little.
+        return 2 * (count - i) >= max_messages or 2 * tail_chars[i] >= max_chars
+
     step = max(1, max_messages // 4)
     while True:
-        for i, number in enumerate(numbers):
-            # The first entry at or after a grid point (a multiple of `step`).
-            on_grid = i == 0 or number // step != numbers[i - 1] // step
-            if on_grid and i > 0 and fits(i):
-                return i
+        start = _lowest_fitting(numbers, step, first_number, fits)
+        if start is not None and (step == 1 or ample(start)):
+            return start
         if step == 1:
             return None
         step //= 2
+
+
+def _lowest_fitting(
+    numbers: Sequence[int], step: int, first_number: int, fits: Callable[[int], bool]
+) -> int | None:
+    for i, number in enumerate(numbers):
+        # The first entry at or after a grid point (a multiple of `step`); the first one
+        # handed over is that only if no older message of the history is.
+        if i == 0:
+            on_grid = number // step * step >= first_number
+        else:
+            on_grid = number // step != numbers[i - 1] // step
+        if on_grid and fits(i):
+            return i
+    return None
 
 
 def _cut_note(removed: int) -> str:

@@ -28,7 +28,8 @@ every other `response_format` type with HTTP 500 as llama-cpp-python's server do
 `json_object`), `reject_params={"reasoning_effort"}` refuses those parameters with
 OpenAI's 400, and `drops_system=True` answers as a model that never saw the system
 message (llama-cpp-python's `format_gemma` drops it): `seen_prompt` records what the
-model got. Every request is recorded with its JSON body, headers and start/finish times.
+model got; `props={...}` serves llama.cpp's `GET /props` (its `chat_template_caps`).
+Every request is recorded with its JSON body, headers and start/finish times.
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ class FakeOpenAI:
         response_formats: Collection[str] | None = None,
         reject_params: Collection[str] = (),
         drops_system: bool = False,
+        props: dict[str, Any] | None = None,
     ) -> None:
         self.latency = latency
         self.shutdown_dates = dict(shutdown_dates or {})
@@ -154,6 +156,7 @@ class FakeOpenAI:
         self.response_formats = set(response_formats) if response_formats is not None else None
         self.reject_params = set(reject_params)
         self.drops_system = drops_system
+        self.props = props
         self.model_lookups: list[str] = []
         self._last_prompt: dict[str | None, str] = {}
         self.api_key = api_key
@@ -173,6 +176,7 @@ class FakeOpenAI:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._handle)
         app.router.add_get("/v1/models/{model}", self._model)
+        app.router.add_get("/props", self._props)
         # Cancel a handler when its client gives up (timeouts), and do not wait long for
         # sleeping handlers at shutdown.
         self._runner = web.AppRunner(
@@ -239,6 +243,12 @@ class FakeOpenAI:
         return result
 
     # -- serving --------------------------------------------------------------------
+    async def _props(self, request: web.Request) -> web.Response:
+        # llama.cpp's server only (tools/server: GET /props with `chat_template_caps`).
+        if self.props is None:
+            raise web.HTTPNotFound()
+        return web.json_response(self.props)
+
     async def _model(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
         self.model_lookups.append(model)

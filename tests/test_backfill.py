@@ -36,7 +36,9 @@ def _env(evolution_dsn: str, results_dsn: str, base_url: str) -> dict[str, str]:
     return env
 
 
-async def backfill(env: dict[str, str], *args: str) -> tuple[dict[str, Any], str]:
+async def backfill(
+    env: dict[str, str], *args: str, timeout: float = 120
+) -> tuple[dict[str, Any], str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -48,7 +50,7 @@ async def backfill(env: dict[str, str], *args: str) -> tuple[dict[str, Any], str
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=timeout)
     assert proc.returncode == 0, err.decode()
     return json.loads(out.decode().strip().splitlines()[-1]), err.decode()
 

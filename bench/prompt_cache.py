@@ -31,27 +31,13 @@ from service.analyzers.prices import EST_COMPLETION_TOKENS, PRICES_AS_OF, price_
 from service.analyzers.rules import RulesAnalyzer
 from service.config import Settings
 from service.demo import load_sample_dialogs
-from service.domain.dialog import Contact, Dialog, DialogMessage
-from service.domain.facts import LeadFacts
+from service.domain.dialog import Contact, Dialog, DialogMessage, dialog_of
+from service.domain.facts import empty_facts
 from tests.fakes.openai_server import FakeOpenAI, RecordedRequest
 
 MODELS = ("gpt-6.1-terra", "gpt-6-luna")
 TARGET = 0.80
-FIXED = LeadFacts(
-    niche="medicine",
-    business_type=None,
-    is_owner=None,
-    has_sales_dept=None,
-    uses_ads_now=None,
-    ad_budget=None,
-    instagram_url=None,
-    funnel_stage="qualified",
-    main_intent="clinic_lead",
-    objection=None,
-    action="none",
-    next_message="…",
-    reasoning="…",
-)
+FIXED = empty_facts("qualified")
 
 
 def growing(raw: dict[str, object], length: int) -> list[DialogMessage]:
@@ -74,17 +60,9 @@ def growing(raw: dict[str, object], length: int) -> list[DialogMessage]:
 
 
 def snapshot(raw: dict[str, object], messages: list[DialogMessage], window: int) -> Dialog:
-    shown = messages[-window:]
     phone = str(raw["contact"]["phone"])  # type: ignore[index]
-    return Dialog(
-        instance="bench",
-        contact=Contact(phone=phone, remote_jid=f"{phone}@s.whatsapp.net"),
-        messages=shown,
-        incoming_count=sum(1 for m in messages if not m.from_me),
-        outgoing_count=sum(1 for m in messages if m.from_me),
-        first_message_at=shown[0].timestamp,
-        last_message_at=shown[-1].timestamp,
-    )
+    contact = Contact(phone=phone, remote_jid=f"{phone}@s.whatsapp.net")
+    return dialog_of("bench", contact, messages, window=window)
 
 
 async def scenario(name: str, leads: int, length: int, settings_extra: dict[str, object]) -> bool:

@@ -19,7 +19,7 @@ import msgspec
 
 from service.analyzers.base import Analyzer, TokenUsage
 from service.analyzers.prices import EST_COMPLETION_TOKENS, PRICES_AS_OF, price_of
-from service.domain.dialog import Contact, Dialog, DialogMessage
+from service.domain.dialog import Contact, Dialog, DialogMessage, dialog_of
 from service.domain.facts import FUNNEL_STAGES
 from service.domain.scoring import budget_stated, score
 from service.stores.base import LeadRow
@@ -112,19 +112,10 @@ def cases_from_labels(items: Sequence[dict[str, Any]], instance: str = "labels")
             )
             for i, m in enumerate(item["messages"])
         ]
-        dialog = Dialog(
-            instance=instance,
-            contact=Contact(
-                phone=phone,
-                remote_jid=f"{phone}@s.whatsapp.net",
-                name=item["contact"].get("push_name"),
-            ),
-            messages=messages,
-            incoming_count=sum(1 for m in messages if not m.from_me),
-            outgoing_count=sum(1 for m in messages if m.from_me),
-            first_message_at=messages[0].timestamp if messages else None,
-            last_message_at=messages[-1].timestamp if messages else None,
+        contact = Contact(
+            phone=phone, remote_jid=f"{phone}@s.whatsapp.net", name=item["contact"].get("push_name")
         )
+        dialog = dialog_of(instance, contact, messages)
         cases.append(EvalCase(id=str(item["id"]), dialog=dialog, truth=truth))
     return cases
 

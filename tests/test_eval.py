@@ -4,51 +4,26 @@ nothing written."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 import uuid
 from typing import Any
 
 import asyncpg
+import msgspec
 
-from service.domain.facts import LeadFacts
+from service.domain.facts import empty_facts
 from service.evolution.seed import load_dialogs
 from tests.fakes.openai_server import FakeOpenAI
-from tests.test_backfill import ROOT, _env, backfill
+from tests.test_backfill import ROOT, _env, backfill, run_cli
 
 LABELS = ROOT / "service" / "demo_data" / "dialogs.json"
-QUALIFIED = LeadFacts(
-    niche="medicine",
-    business_type=None,
-    is_owner=True,
-    has_sales_dept=None,
-    uses_ads_now=None,
-    ad_budget=None,
-    instagram_url=None,
-    funnel_stage="qualified",
-    main_intent="clinic_lead",
-    objection=None,
-    action="none",
-    next_message="…",
-    reasoning="…",
+QUALIFIED = msgspec.structs.replace(
+    empty_facts("qualified"), niche="medicine", is_owner=True, main_intent="clinic_lead"
 )
 
 
 async def run_eval(env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service",
-        "eval",
-        *args,
-        env=env,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
-    return proc.returncode or 0, out.decode(), err.decode()
+    return await run_cli(env, "eval", *args)
 
 
 def labeled() -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from service.analyzers.openai_analyzer import OpenAIAnalyzer
 from service.analyzers.prompt import DIALOG_OPEN, build_prompt
 from service.analyzers.rules import RulesAnalyzer
 from service.config import Settings
-from service.domain.dialog import Contact, Dialog, DialogMessage
+from service.domain.dialog import Contact, Dialog, DialogMessage, dialog_of
 from tests.fakes.openai_server import FakeOpenAI
 
 T0 = datetime(2026, 9, 1, 8, 0, tzinfo=UTC)
@@ -29,16 +29,8 @@ def grown(count: int, *, window: int | None = None, phone: str = "77010000009") 
         )
         for i in range(count)
     ]
-    shown = messages[-window:] if window else messages
-    return Dialog(
-        instance="inst",
-        contact=Contact(phone=phone, remote_jid=f"{phone}@s.whatsapp.net"),
-        messages=shown,
-        incoming_count=sum(1 for m in messages if not m.from_me),
-        outgoing_count=sum(1 for m in messages if m.from_me),
-        first_message_at=shown[0].timestamp,
-        last_message_at=shown[-1].timestamp,
-    )
+    contact = Contact(phone=phone, remote_jid=f"{phone}@s.whatsapp.net")
+    return dialog_of("inst", contact, messages, window=window)
 
 
 def first_line(dialog: Dialog, settings: Settings) -> str:

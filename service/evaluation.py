@@ -307,7 +307,12 @@ def render(report: EvalReport) -> str:
         f"answers: {used or 'none'}; errors {report.errors}",
         f"tokens: prompt {tokens['prompt_tokens']} (cached {tokens['cached_tokens']}), "
         f"completion {tokens['completion_tokens']}, calls {tokens['calls']}",
-        f"cost: {cost}; estimated before the run: {est_cost} (prices of {report.prices_as_of})",
+        f"cost: {cost}"
+        + (
+            f"; estimated before the run: {est_cost} (prices of {report.prices_as_of})"
+            if report.model
+            else ""
+        ),
     ]
     if latency:
         lines.append(

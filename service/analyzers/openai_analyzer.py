@@ -115,6 +115,7 @@ class OpenAIAnalyzer:
         self._max_retries = settings.openai_max_retries
         self._base_url = settings.openai_base_url or DEFAULT_BASE_URL
         system = settings.openai_system_message
+        self._probe_lock = asyncio.Lock()
         self._shape = RequestShape(
             model=settings.openai_model,
             max_completion_tokens=settings.openai_max_completion_tokens,
@@ -152,7 +153,9 @@ class OpenAIAnalyzer:
 
     async def _analyze(self, dialog: Dialog, usage: TokenUsage, log: Logger) -> AnalysisResult:
         if self._shape.fold_system is None:
-            self._shape.fold_system = await self._template_drops_system()
+            async with self._probe_lock:  # one look at the server, not one per analysis
+                if self._shape.fold_system is None:
+                    self._shape.fold_system = await self._template_drops_system()
         # Per contact: the provider routes requests with the same key to the same cache.
         cache_key = f"crm-{contact_hash(dialog.contact.phone)}"
         model = self._model

@@ -49,6 +49,16 @@ class RequestShape:
         self.dropped: set[str] = set()  # not sent
         self.refused: set[str] = set()  # named in a refusal: never sent again
         self.format: Format = "json_schema"
+        # Built once: the schema is a deep dict, and bodies are only ever serialised.
+        schema = lead_facts_schema()
+        self._response_formats: dict[Format, dict[str, Any]] = {
+            "json_schema": {
+                "type": "json_schema",
+                "json_schema": {"name": SCHEMA_NAME, "strict": True, "schema": schema},
+            },
+            # llama.cpp and llama-cpp-python constrain the answer to `schema` here.
+            "json_object": {"type": "json_object", "schema": schema},
+        }
         if not reasoning_effort:
             self.dropped.add("reasoning_effort")
         if openai or REASONING_MODEL.match(model):
@@ -64,14 +74,8 @@ class RequestShape:
 
     def body(self, messages: list[dict[str, str]], cache_key: str) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self._model, "messages": messages}
-        if self.format == "json_schema":
-            body["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {"name": SCHEMA_NAME, "strict": True, "schema": lead_facts_schema()},
-            }
-        elif self.format == "json_object":
-            # llama.cpp and llama-cpp-python constrain the answer to `schema` here.
-            body["response_format"] = {"type": "json_object", "schema": lead_facts_schema()}
+        if self.format in self._response_formats:
+            body["response_format"] = self._response_formats[self.format]
         optional: dict[str, Any] = {
             "max_completion_tokens": self._max_tokens,
             "max_tokens": self._max_tokens,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import sys
 import time
 import uuid
@@ -32,6 +31,7 @@ from service.config import Settings
 from service.domain.facts import LeadFacts
 from service.domain.scoring import ScoreInputs, score
 from service.evolution.seed import load_dialogs
+from tests.harness import free_port_in
 from tests.test_backfill import _env, backfill
 from tests.test_openai_analyzer import demo_dialog
 
@@ -53,17 +53,6 @@ BACKFILL_MAX_TOKENS = 64
 pytestmark = pytest.mark.timeout(900)
 
 
-def _free_port() -> int:
-    for port in PORTS:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 19600-19699")
-
-
 @pytest.fixture(scope="module")
 async def llama_url() -> AsyncIterator[str]:
     python = LLM_HOME / "venv" / "bin" / "python"
@@ -71,7 +60,7 @@ async def llama_url() -> AsyncIterator[str]:
     assert python.exists() and model.exists(), (
         f"the local model server is not installed in {LLM_HOME}: run scripts/ensure_llm_server.sh"
     )
-    port = _free_port()
+    port = free_port_in(PORTS)
     proc = await asyncio.create_subprocess_exec(
         str(python),
         str(ROOT / "scripts" / "llama_server.py"),

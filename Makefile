@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test demo bench lint typecheck services venv migrate clean
+.PHONY: run test test-llm llm-server demo bench lint typecheck services venv migrate clean
 
 venv: $(STAMP)
 
@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml
 services:
 	@bash scripts/ensure_services.sh
 
+# llama.cpp's server (prebuilt xllamacpp wheel) and Gemma 3 270M, in a venv outside the
+# checkout (~/.cache/crm-backend/llm); a no-op once installed.
+llm-server:
+	@bash scripts/ensure_llm_server.sh
+
 lint: venv
 	$(BIN)/ruff check service handlers consumers tests bench
 	$(BIN)/ruff format --check service handlers consumers tests bench
@@ -25,8 +30,12 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-test: venv services lint typecheck
+test: venv services llm-server lint typecheck
 	$(BIN)/pytest -q
+
+# Only the tests against the real local model server (they are part of `make test` too).
+test-llm: venv services llm-server
+	$(BIN)/pytest -q -s tests/test_llm_server.py
 
 run: venv services
 	@$(BIN)/python scripts/local_env.py

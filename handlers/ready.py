@@ -1,6 +1,7 @@
-"""GET /ready: can this process do its work? Broker, results DB and Evolution DB.
+"""GET /ready: can this process do its work? Broker, results DB, Evolution DB, and the
+configured model's announced shutdown (`llm_model`, when the OpenAI analyzer is on).
 
-200 when all three answer, else 503 naming what is down. The checks run concurrently,
+200 when every check passes, else 503 naming what is down. The checks run concurrently,
 each bounded by a timeout, so a hung dependency cannot hang the probe.
 """
 
@@ -41,6 +42,12 @@ async def _evolution_db(ctx: AppContext) -> str:
     return "ok"
 
 
+async def _llm_model(ctx: AppContext) -> str:
+    # Cached status (refreshed daily): a probe must not call the model server.
+    assert ctx.model_lifecycle is not None
+    return ctx.model_lifecycle.status.check()
+
+
 CHECKS: dict[str, Callable[[AppContext], Awaitable[str]]] = {
     "broker": _broker,
     "results_db": _results_db,
@@ -65,9 +72,13 @@ async def _run(name: str, check: Callable[[AppContext], Awaitable[str]], ctx: Ap
 
 async def ready(request: web.Request) -> web.Response:
     ctx = context(request)
-    results = await asyncio.gather(*(_run(name, check, ctx) for name, check in CHECKS.items()))
-    checks = dict(zip(CHECKS, results, strict=True))
-    down = [name for name, result in checks.items() if result != "ok"]
+    active = dict(CHECKS)
+    if ctx.model_lifecycle is not None:
+        active["llm_model"] = _llm_model
+    results = await asyncio.gather(*(_run(name, check, ctx) for name, check in active.items()))
+    checks = dict(zip(active, results, strict=True))
+    # "ok: …" and "warning: …" (e.g. a model shutdown weeks ahead) pass.
+    down = [name for name, result in checks.items() if not result.startswith(("ok", "warning"))]
     if down:
         error = "not ready: " + ", ".join(down) + " down"
         return json_response(ReadyResponse(ok=False, checks=checks, error=error), status=503)

@@ -33,6 +33,7 @@ async def app_context(
     publisher: bool = False,
     metrics: Metrics | None = None,
     on_hot: HotSink | None = None,
+    lifecycle: bool = False,
 ) -> AsyncIterator[AppContext]:
     """Open the requested adapters; close them all on exit, newest first."""
     ctx = AppContext(settings=settings, metrics=metrics or Metrics())
@@ -53,6 +54,12 @@ async def app_context(
         if analyzer:
             ctx.analyzer = make_analyzer(settings)
             stack.push_async_callback(ctx.analyzer.close)
+            if lifecycle and settings.analyzer_kind() == "openai":
+                from service.analyzers.model_lifecycle import ModelLifecycle
+
+                ctx.model_lifecycle = ModelLifecycle(settings, ctx.metrics)
+                stack.push_async_callback(ctx.model_lifecycle.close)
+                ctx.model_lifecycle.start()
         if publisher:
             from service.broker.publisher import EventPublisher
 

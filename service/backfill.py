@@ -17,6 +17,8 @@ from typing import Protocol
 import msgspec
 from loguru import logger
 
+from service.analyzers.base import TokenUsage
+from service.analyzers.prices import EST_COMPLETION_TOKENS, PRICES_AS_OF, cost_usd
 from service.domain.dialog import ContactSummary, Dialog
 from service.logs import contact_hash
 from service.pipeline import ContactOutcome, Pipeline
@@ -43,6 +45,7 @@ class DryRunEstimate(msgspec.Struct, kw_only=True):
     estimated_completion_tokens: int = 0
     estimated_cost_usd: float | None = None
     model: str | None = None
+    prices_as_of: str | None = None  # date of the price table the cost is from
 
 
 class ContactLister(Protocol):
@@ -179,18 +182,6 @@ def count(stats: BackfillStats, outcome: ContactOutcome) -> None:
         stats.skipped += 1
 
 
-# USD per 1M tokens (input, cached input, output); used only for --dry-run estimates.
-MODEL_PRICES: dict[str, tuple[float, float, float]] = {
-    "gpt-5-mini": (0.25, 0.025, 2.00),
-    "gpt-5-nano": (0.05, 0.005, 0.40),
-    "gpt-5": (1.25, 0.125, 10.00),
-    "gpt-4.1-mini": (0.40, 0.10, 1.60),
-    "gpt-4o-mini": (0.15, 0.075, 0.60),
-}
-# A facts answer is short JSON; reasoning models add hidden reasoning tokens on top.
-EST_COMPLETION_TOKENS = 600
-
-
 async def dry_run(
     reader: ContactLister,
     options: BackfillOptions,
@@ -225,11 +216,14 @@ async def dry_run(
             f"would analyze {summary.contact.phone} "
             f"(incoming {summary.incoming_count}, ~{tokens} prompt tokens)"
         )
-    price = MODEL_PRICES.get(model or "")
-    if price is not None:
-        est.estimated_cost_usd = round(
-            est.estimated_prompt_tokens / 1e6 * price[0]
-            + est.estimated_completion_tokens / 1e6 * price[2],
-            4,
-        )
+    cost = cost_usd(
+        model,
+        TokenUsage(
+            prompt_tokens=est.estimated_prompt_tokens,
+            completion_tokens=est.estimated_completion_tokens,
+        ),
+    )
+    if cost is not None:
+        est.estimated_cost_usd = round(cost, 4)
+        est.prices_as_of = PRICES_AS_OF
     return est

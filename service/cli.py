@@ -14,6 +14,7 @@ import sys
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, NoReturn
 
 import msgspec
@@ -129,6 +130,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     index.add_argument("--apply", action="store_true")
 
+    ev = sub.add_parser(
+        "eval", help="measure an analyzer/model against ground truth (writes nothing)"
+    )
+    truth = ev.add_mutually_exclusive_group(required=True)
+    truth.add_argument("--labels", metavar="FILE", help="labeled dialogs (dialogs.json format)")
+    truth.add_argument(
+        "--from-edits",
+        action="store_true",
+        help="leads whose stage/niche/owner/budget were set by hand, on their current dialogs",
+    )
+    ev.add_argument("--instance", help="with --from-edits: the Evolution instance")
+    ev.add_argument(
+        "--account", type=_uuid, help="with --from-edits: the account (default: mapped)"
+    )
+    ev.add_argument("--analyzer", choices=["rules", "openai"], help="default: ANALYZER")
+    ev.add_argument("--model", help="default: OPENAI_MODEL")
+    ev.add_argument("--max-dialogs", type=_positive)
+    ev.add_argument("--max-cost", type=float, default=1.0, help="USD; stop above it (default 1)")
+    ev.add_argument("--concurrency", type=_positive, default=4)
+    ev.add_argument("--json", action="store_true", help="the report as JSON on stdout")
     demo = sub.add_parser("demo", help="replay the sample dialogs through the whole service")
     demo.add_argument("--speed", type=float, default=0.005, help="seconds between messages")
 
@@ -399,7 +420,7 @@ async def _serve_until_stopped(settings: Settings, *, consume: bool, serve: bool
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     bridge_on = consume and bool(settings.evolution_amqp_exchange)
-    async with app_context(settings, publisher=serve or bridge_on) as ctx:
+    async with app_context(settings, publisher=serve or bridge_on, lifecycle=True) as ctx:
         workers: list[Any] = []  # consumers; started in the background
         starting: list[asyncio.Task[None]] = []
         failures: list[BaseException] = []
@@ -461,6 +482,101 @@ async def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     return await _serve_until_stopped(settings, consume=True, serve=True)
 
 
+async def _cmd_eval(settings: Settings, args: argparse.Namespace) -> int:
+    from service.analyzers.prompt import estimate_tokens
+    from service.app import make_analyzer
+    from service.evaluation import (
+        CostCapExceeded,
+        EvalCase,
+        cases_from_labels,
+        estimate_cost,
+        evaluate,
+        has_truth,
+        render,
+        truth_from_edits,
+    )
+
+    overrides: dict[str, Any] = {}
+    if args.analyzer:
+        overrides["analyzer"] = args.analyzer
+    if args.model:
+        overrides["openai_model"] = args.model
+    try:
+        settings = msgspec.structs.replace(settings, **overrides)
+        settings.__post_init__()
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    kind = settings.analyzer_kind()
+    model = settings.openai_model if kind == "openai" else None
+
+    cases: list[EvalCase]
+    if args.labels:
+        try:
+            raw = await asyncio.to_thread(Path(args.labels).read_bytes)
+            items = msgspec.json.decode(raw)
+            cases = cases_from_labels(items)
+        except (OSError, msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"cannot read labeled dialogs from {args.labels}: {exc}") from None
+    else:
+        if not args.instance:
+            raise UserError("--from-edits needs --instance NAME")
+        cases = await _cases_from_edits(settings, args, has_truth, truth_from_edits)
+    if args.max_dialogs:
+        cases = cases[: args.max_dialogs]
+    if not cases:
+        raise UserError("no dialogs with ground truth to evaluate")
+
+    estimate = estimate_cost(cases, lambda d: estimate_tokens(d, settings), model)
+    if estimate.cost_usd is not None:
+        print(
+            f"estimated cost: ${estimate.cost_usd:.4f} for {estimate.dialogs} dialogs "
+            f"(~{estimate.prompt_tokens} prompt tokens)",
+            file=sys.stderr,
+        )
+        if estimate.cost_usd > args.max_cost:
+            raise UserError(str(CostCapExceeded(estimate, args.max_cost)))
+    analyzer = make_analyzer(settings)
+    try:
+        report = await evaluate(
+            cases, analyzer, model=model, estimate=estimate, concurrency=args.concurrency
+        )
+    finally:
+        await analyzer.close()
+    print(msgspec.json.encode(report).decode() if args.json else render(report))
+    return 0
+
+
+async def _cases_from_edits(
+    settings: Settings, args: argparse.Namespace, has_truth: Any, truth_from_edits: Any
+) -> list[Any]:
+    from service.app import app_context
+    from service.evaluation import EvalCase
+    from service.stores.base import LeadQuery
+
+    async with app_context(settings, analyzer=False) as ctx:
+        store, reader = ctx.require_store(), ctx.reader
+        assert reader is not None
+        account = args.account or await store.instance_account(args.instance)
+        if account is None:
+            raise UserError(
+                f"instance {args.instance!r} is not mapped to an account: pass --account"
+            )
+        cases = []
+        query = LeadQuery(user_account_id=account, instance_name=args.instance)
+        async for row in store.iter_leads(query):
+            if not has_truth(row):
+                continue
+            dialog = await reader.dialog(
+                args.instance, row.contact_phone, limit=settings.max_dialog_messages
+            )
+            if dialog is None or not dialog.messages:
+                continue
+            cases.append(EvalCase(id=str(row.id), dialog=dialog, truth=truth_from_edits(row)))
+            if args.max_dialogs and len(cases) >= args.max_dialogs:
+                break
+        return cases
+
+
 async def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from service.demo import run_demo
 
@@ -483,4 +599,5 @@ _COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], Coroutine[Any, Any
     "dlq": _cmd_dlq,
     "evolution-index": _cmd_index,
     "demo": _cmd_demo,
+    "eval": _cmd_eval,
 }

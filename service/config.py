@@ -108,7 +108,20 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     analyzer: Literal["auto", "openai", "rules"] = "auto"
     openai_api_key: str | None = None
     openai_base_url: str | None = None
-    openai_model: str = "gpt-5-mini"
+    # gpt-5-mini shuts down on 2026-12-11; OpenAI names gpt-6.1-terra its replacement.
+    openai_model: str = "gpt-6.1-terra"
+    # Sent only to servers that accept it ("" = never sent); low keeps hidden reasoning
+    # tokens (billed as output) small for a short extraction.
+    openai_reasoning_effort: Literal[
+        "", "none", "minimal", "low", "medium", "high", "xhigh", "max"
+    ] = "low"
+    # Longest answer, reasoning included: bounds the cost and time of one call.
+    openai_max_completion_tokens: int = 4000
+    # Longest one analysis may take, every call and retry included.
+    openai_analysis_timeout: float = 180.0
+    # Where the instructions go: `system`, or `user` (folded into the user message, for
+    # servers whose chat template drops system messages); `auto` asks a llama.cpp server.
+    openai_system_message: Literal["auto", "system", "user"] = "auto"
     openai_timeout: float = 60.0
     openai_max_retries: int = 4
     # Characters of dialog text sent to the model (newest kept): bounds tokens per call.
@@ -176,6 +189,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             raise ConfigError("DEBOUNCE_SECONDS must be a number of seconds from 0 to 3600")
         if not 0 < self.openai_timeout <= 3600:
             raise ConfigError("OPENAI_TIMEOUT must be a number of seconds from 0 to 3600")
+        if not 0 < self.openai_analysis_timeout <= 3600:
+            raise ConfigError("OPENAI_ANALYSIS_TIMEOUT must be a number of seconds from 0 to 3600")
+        _check_range(
+            "OPENAI_MAX_COMPLETION_TOKENS", self.openai_max_completion_tokens, 16, 1_000_000
+        )
         if self.evolution_db_schema != "auto" and not _IDENT.fullmatch(self.evolution_db_schema):
             raise ConfigError("EVOLUTION_DB_SCHEMA must be 'auto' or a plain schema name")
         if not _IDENT.fullmatch(self.amqp_prefix.replace(".", "_").replace("-", "_")):

@@ -10,6 +10,7 @@ from service.metrics import Metrics
 
 if TYPE_CHECKING:
     from service.analyzers.base import Analyzer
+    from service.analyzers.model_lifecycle import ModelLifecycle
     from service.broker.publisher import EventPublisher
     from service.evolution.reader import EvolutionReader
     from service.pipeline import Pipeline
@@ -25,6 +26,7 @@ class AppContext:
     analyzer: Analyzer | None = None
     publisher: EventPublisher | None = None
     pipeline: Pipeline | None = None
+    model_lifecycle: ModelLifecycle | None = None  # shutdown-date watch of OPENAI_MODEL
     # Extra named resources (e.g. a broker connection for /ready); closed by their owners.
     extras: dict[str, Any] = field(default_factory=dict)
 

@@ -77,6 +77,13 @@ class Metrics:
             "crm_dlq_depth", "Messages waiting in the dead-letter queue", registry=r
         )
         self.hot_leads = Counter("crm_lead_hot_events", "lead.hot events published", registry=r)
+        self.llm_model_shutdown_days = Gauge(
+            "crm_llm_model_shutdown_days",
+            "Days until the configured model's announced shutdown (GET /v1/models/{id}); "
+            "absent when none is announced, 0 or less once it is past",
+            ["model"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

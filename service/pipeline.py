@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 import msgspec
 from loguru import logger
 
-from service.analyzers.base import AnalysisResult, Analyzer
+from service.analyzers.base import AnalysisResult, Analyzer, AnalyzerUnavailableError, TokenUsage
 from service.config import Settings
 from service.domain.dialog import (
     Contact,
@@ -160,13 +160,17 @@ class Pipeline:
             outcome: Outcome = "new_lead" if result.applied else "stale"
             return self._done(outcome, instance, phone, score=write.score, lead_id=result.id)
 
-        analysis = await self._analyzer.analyze(
-            bounded_dialog(
-                dialog,
-                message_chars=self._settings.max_message_chars,
-                dialog_chars=self._settings.analysis_max_chars,
-            )
+        bounded = bounded_dialog(
+            dialog,
+            message_chars=self._settings.max_message_chars,
+            dialog_chars=self._settings.analysis_max_chars,
         )
+        try:
+            analysis = await self._analyzer.analyze(bounded)
+        except AnalyzerUnavailableError as exc:
+            # Tokens spent on a failed analysis are billed all the same.
+            self._count_tokens(exc.usage)
+            raise
         facts = _apply_manual(analysis.facts, state)
         lead_score = _final_score(facts, state)
         write = _analysis_write(dialog, account, facts, lead_score, analysis)
@@ -223,10 +227,14 @@ class Pipeline:
         m.analysis_seconds.observe(time.perf_counter() - started)
         m.lead_score.observe(lead_score.total)
         m.leads_by_interest.labels(lead_score.interest_level).inc()
-        if analysis.usage is not None:
-            m.llm_tokens.labels("prompt").inc(analysis.usage.prompt_tokens)
-            m.llm_tokens.labels("cached").inc(analysis.usage.cached_tokens)
-            m.llm_tokens.labels("completion").inc(analysis.usage.completion_tokens)
+        self._count_tokens(analysis.usage)
+
+    def _count_tokens(self, usage: TokenUsage | None) -> None:
+        if usage is not None:
+            m = self._metrics
+            m.llm_tokens.labels("prompt").inc(usage.prompt_tokens)
+            m.llm_tokens.labels("cached").inc(usage.cached_tokens)
+            m.llm_tokens.labels("completion").inc(usage.completion_tokens)
 
     def _done(
         self,

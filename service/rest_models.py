@@ -274,7 +274,10 @@ class ReadyResponse(msgspec.Struct, kw_only=True):
     ok: bool
     checks: Annotated[
         dict[str, str],
-        Meta(description="broker, results_db, evolution_db: 'ok' or why it is down"),
+        Meta(
+            description="broker, results_db, evolution_db (and llm_model with the OpenAI "
+            "analyzer): 'ok', 'warning: …' (passes) or why it is down"
+        ),
     ]
     error: str | None = None
 

@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import os
 import secrets
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,6 +31,18 @@ WEBHOOK_TOKEN = "test-webhook-token-0123456789abcdef0123"
 API_TOKEN = "test-api-token-0123456789abcdef012345678"
 INSTANCE = "clinic-sales"
 _ids = itertools.count(1)
+
+
+def free_port_in(ports: range) -> int:
+    """A loopback port of `ports` nothing listens on (each suite has its own range)."""
+    for port in ports:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
 
 
 def make_settings(

@@ -36,21 +36,28 @@ def _env(evolution_dsn: str, results_dsn: str, base_url: str) -> dict[str, str]:
     return env
 
 
-async def backfill(env: dict[str, str], *args: str) -> tuple[dict[str, Any], str]:
+async def run_cli(env: dict[str, str], *args: str, timeout: float = 120) -> tuple[int, str, str]:
+    """`python -m service ARGS` as a user runs it: exit code, stdout, stderr."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "service",
-        "backfill",
         *args,
         env=env,
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
-    assert proc.returncode == 0, err.decode()
-    return json.loads(out.decode().strip().splitlines()[-1]), err.decode()
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=timeout)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def backfill(
+    env: dict[str, str], *args: str, timeout: float = 120
+) -> tuple[dict[str, Any], str]:
+    code, out, err = await run_cli(env, "backfill", *args, timeout=timeout)
+    assert code == 0, err
+    return json.loads(out.strip().splitlines()[-1]), err
 
 
 async def test_backfill_then_rerun_calls_nothing(

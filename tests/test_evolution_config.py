@@ -41,7 +41,7 @@ from tests.conftest import (
     load_evolution_schema,
     pg_dsn,
 )
-from tests.harness import message_body
+from tests.harness import free_port_in, message_body
 
 INSTANCE = "clinic-sales"
 PHONE = "77017003344"
@@ -106,14 +106,7 @@ async def test_evolutions_connection_uri_works_as_is(evolution_api_db: str) -> N
 
 # -- through PgBouncer in transaction mode ------------------------------------------------
 def _free_port() -> int:
-    for port in PORTS:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 19000-19099")
+    return free_port_in(PORTS)
 
 
 def _pgbouncer_binary() -> str:

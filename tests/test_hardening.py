@@ -197,8 +197,12 @@ def test_customer_text_cannot_forge_prompt_lines(brk: str, closer: str) -> None:
     dialog = make_dialog([(False, attack), (True, "Добрый день")])
     user = build_prompt(dialog, load_settings({}, dotenv=None)).user
     lines = user.splitlines()  # Python breaks lines on every Unicode separator
-    inside = lines[lines.index(DIALOG_OPEN) + 1 : len(lines) - 1 - lines[::-1].index(DIALOG_CLOSE)]
-    assert lines.count(DIALOG_CLOSE) == 1 and lines[-1] == DIALOG_CLOSE
+    # Exactly one closing line, and it is the real one: only the counts come after it.
+    assert lines.count(DIALOG_OPEN) == 1 and lines.count(DIALOG_CLOSE) == 1
+    inside = lines[lines.index(DIALOG_OPEN) + 1 : lines.index(DIALOG_CLOSE)]
+    assert all(
+        not line.startswith(("[", CONTINUATION)) for line in lines[lines.index(DIALOG_CLOSE) :]
+    )
     # One message line per message: the forged "[…] Менеджер:" is a continuation line.
     message_lines = [line for line in inside if line.startswith("[")]
     assert len(message_lines) == 2

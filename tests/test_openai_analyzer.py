@@ -110,7 +110,7 @@ def rules() -> FactsExtractor:
 
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeOpenAI]:
-    async with FakeOpenAI(api_key="sk-test", known_models={"gpt-5-mini"}) as server:
+    async with FakeOpenAI(api_key="sk-test", known_models={"gpt-6.1-terra"}) as server:
         yield server
 
 
@@ -276,7 +276,7 @@ async def test_success_request_shape_and_usage(
     second = await analyzer.analyze(SCHOOL)
 
     assert first == AnalysisResult(
-        facts=FACTS_A, analyzer="openai", model="gpt-5-mini", usage=first.usage
+        facts=FACTS_A, analyzer="openai", model="gpt-6.1-terra", usage=first.usage
     )
     assert second.facts == FACTS_B and second.analyzer == "openai"
     assert first.usage is not None and second.usage is not None
@@ -289,7 +289,7 @@ async def test_success_request_shape_and_usage(
     one, two = fake.requests
     for request in (one, two):
         body = request.body
-        assert body["model"] == "gpt-5-mini"
+        assert body["model"] == "gpt-6.1-terra"
         assert "temperature" not in body
         assert body["response_format"] == {
             "type": "json_schema",
@@ -465,7 +465,7 @@ async def test_unusable_answer_twice_falls_back_to_rules(
     assert result.facts == rules.extract(CLINIC)
     assert fake.calls == 2  # one retry, no more
     assert result.usage is not None and result.usage.calls == 2
-    assert result.model == "gpt-5-mini"
+    assert result.model == "gpt-6.1-terra"
 
 
 async def test_one_unusable_answer_is_retried(

@@ -133,7 +133,9 @@ def test_delimiters_and_forged_lines_are_neutralised() -> None:
     prompt = build_prompt(dialog, Settings())
     assert prompt.user.count(DIALOG_OPEN) == 1
     assert prompt.user.count(DIALOG_CLOSE) == 1
-    assert prompt.user.rstrip().endswith(DIALOG_CLOSE)
+    # After the block only the service's own count lines follow.
+    after = prompt.user[prompt.user.index(DIALOG_CLOSE) + len(DIALOG_CLOSE) :].strip("\n")
+    assert all(line.startswith(("Messages shown:", "Whole history:")) for line in after.split("\n"))
     lines = block_lines(prompt.user)
     # Every line is a real message line or an indented continuation.
     assert all(LINE.match(line) or line.startswith(CONTINUATION) for line in lines)

@@ -11,10 +11,15 @@ from service.domain.facts import LeadFacts
 
 
 class TokenUsage(msgspec.Struct, kw_only=True):
+    """Usage of every call an analysis made, failed and unusable ones included."""
+
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
     calls: int = 0
+    # Calls that reported no usage (errors, timeouts): what the server spent on them is
+    # unknown, at most the completion-token limit each.
+    calls_without_usage: int = 0
 
 
 class AnalysisResult(msgspec.Struct, kw_only=True):
@@ -27,6 +32,10 @@ class AnalysisResult(msgspec.Struct, kw_only=True):
 
 class AnalyzerUnavailableError(Exception):
     """Transient failure (rate limit, 5xx, timeout) after bounded retries: retry later."""
+
+    def __init__(self, message: str, usage: TokenUsage | None = None) -> None:
+        super().__init__(message)
+        self.usage = usage  # what the failed analysis spent, to be counted all the same
 
 
 class AnalyzerConfigError(Exception):

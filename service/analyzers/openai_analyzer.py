@@ -4,8 +4,15 @@ Retries are ours, not the client's: rate limits, 5xx, timeouts and connection er
 retried with capped, jittered exponential backoff that honours `Retry-After`, at most
 `OPENAI_MAX_RETRIES` times, then `AnalyzerUnavailableError` hands the contact back to the
 consumer's own delayed retry. A bad key or unknown model is `AnalyzerConfigError` at once.
-An answer that is not valid facts (bad JSON, schema violation, refusal) is asked for once
-more, then the rules extractor supplies the facts ("rules-fallback").
+An answer that is not valid facts (bad JSON, schema violation, refusal, cut at the token
+limit) is asked for once more, then the rules extractor supplies the facts
+("rules-fallback").
+
+Every call is bounded: the answer by `OPENAI_MAX_COMPLETION_TOKENS` (sent as the parameter
+the server honours), each call by `OPENAI_TIMEOUT`, and the whole analysis, retries
+included, by `OPENAI_ANALYSIS_TIMEOUT`; past that the analysis is cancelled and fails as
+`AnalyzerUnavailableError` (the consumer retries later, then dead-letters). A parameter or
+response format the server refuses is dropped once and remembered (`RequestShape`).
 """
 
 from __future__ import annotations
@@ -29,19 +36,19 @@ from service.analyzers.base import (
     TokenUsage,
 )
 from service.analyzers.prompt import build_prompt
-from service.analyzers.schema import response_format
+from service.analyzers.request_shape import RequestShape
 from service.config import Settings
 from service.domain.dialog import Dialog
 from service.domain.facts import LeadFacts
-from service.logs import contact_hash
+from service.logs import contact_hash, contact_hash_key, keyed_contact_hash
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from loguru import Logger
-    from openai.types.chat import ChatCompletionMessageParam
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+PROPS_TIMEOUT = 5.0
 # Answers worth another try: request timeout, conflict, rate limit; 5xx are added below.
 _RETRY_STATUS = frozenset({408, 409, 429})
 # Request-specific rejections: this dialog cannot be analysed by the model, others can.
@@ -101,13 +108,23 @@ class OpenAIAnalyzer:
         if not settings.openai_api_key:
             raise AnalyzerConfigError("OPENAI_API_KEY is not set: the OpenAI analyzer needs it")
         self._settings = settings
+        # Keyed like the logs' contact hash: the provider sees no phone number.
+        self._cache_key_secret = contact_hash_key(settings)
         self._model = settings.openai_model
         self._fallback = fallback
         self._retry = retry or RetryPolicy()
         self._rng = rng or random.Random()
         self._max_retries = settings.openai_max_retries
         self._base_url = settings.openai_base_url or DEFAULT_BASE_URL
-        self._response_format = response_format()
+        system = settings.openai_system_message
+        self._probe_lock = asyncio.Lock()
+        self._shape = RequestShape(
+            model=settings.openai_model,
+            max_completion_tokens=settings.openai_max_completion_tokens,
+            reasoning_effort=settings.openai_reasoning_effort,
+            openai=is_openai(self._base_url),
+            fold_system=None if system == "auto" else system == "user",
+        )
         # The client's own retries are off (ours honour Retry-After and report
         # exhaustion as AnalyzerUnavailableError); its 600 s default timeout is replaced.
         self._client = AsyncOpenAI(
@@ -117,18 +134,36 @@ class OpenAIAnalyzer:
             max_retries=0,
         )
 
+    @property
+    def shape(self) -> RequestShape:
+        return self._shape
+
     async def analyze(self, dialog: Dialog) -> AnalysisResult:
         log = logger.bind(instance=dialog.instance, contact_hash=contact_hash(dialog.contact.phone))
-        prompt = build_prompt(dialog, self._settings)
-        messages: list[ChatCompletionMessageParam] = [
-            {"role": "system", "content": prompt.system},
-            {"role": "user", "content": prompt.user},
-        ]
         usage = TokenUsage()
+        limit = self._settings.openai_analysis_timeout
+        try:
+            async with asyncio.timeout(limit):
+                return await self._analyze(dialog, usage, log)
+        except TimeoutError:
+            raise AnalyzerUnavailableError(
+                f"analysis took longer than OPENAI_ANALYSIS_TIMEOUT ({limit:g} s)", usage
+            ) from None
+        except AnalyzerUnavailableError as exc:
+            exc.usage = usage
+            raise
+
+    async def _analyze(self, dialog: Dialog, usage: TokenUsage, log: Logger) -> AnalysisResult:
+        if self._shape.fold_system is None:
+            async with self._probe_lock:  # one look at the server, not one per analysis
+                if self._shape.fold_system is None:
+                    self._shape.fold_system = await self._template_drops_system()
+        # Per contact: the provider routes requests with the same key to the same cache.
+        cache_key = f"crm-{keyed_contact_hash(self._cache_key_secret, dialog.contact.phone)}"
         model = self._model
         for attempt in (1, 2):
             try:
-                completion = await self._complete(messages, usage, log)
+                completion = await self._complete(dialog, cache_key, usage, log)
             except _DialogRejected as exc:
                 log.warning("OpenAI rejected this dialog ({}); using the rules facts", exc)
                 break
@@ -147,29 +182,61 @@ class OpenAIAnalyzer:
     async def close(self) -> None:
         await self._client.close()
 
+    async def _template_drops_system(self) -> bool:
+        """Whether the server's chat template drops system messages (asked once).
+
+        llama.cpp's server tells in `GET /props` (`chat_template_caps.supports_system_role`);
+        other servers keep the system role unless OPENAI_SYSTEM_MESSAGE=user says otherwise.
+        """
+        if self._shape.openai:
+            return False
+        root = re.sub(r"/v1/?$", "", self._base_url.rstrip("/"))
+        try:
+            props = await self._client.get(
+                f"{root}/props", cast_to=object, options={"timeout": PROPS_TIMEOUT}
+            )
+        except Exception as exc:  # no such endpoint: not llama.cpp, keep the system role
+            logger.debug("no llama.cpp /props ({}): system messages kept", type(exc).__name__)
+            return False
+        caps = props.get("chat_template_caps") if isinstance(props, dict) else None
+        drops = isinstance(caps, dict) and caps.get("supports_system_role") is False
+        if drops:
+            logger.info(
+                "the server's chat template drops system messages: the instructions go "
+                "first in the user message"
+            )
+        return drops
+
     async def _complete(
-        self, messages: list[ChatCompletionMessageParam], usage: TokenUsage, log: Logger
+        self, dialog: Dialog, cache_key: str, usage: TokenUsage, log: Logger
     ) -> ChatCompletion:
         """One completion, retried on transient failures; usage accumulates per call."""
         retry = 0
         while True:
+            shape = self._shape
+            prompt = build_prompt(
+                dialog,
+                self._settings,
+                with_schema=shape.schema_in_prompt,
+                fold_system=bool(shape.fold_system),
+            )
             usage.calls += 1
+            # Until the answer reports usage (cancelled calls never do).
+            usage.calls_without_usage += 1
             try:
-                # No `temperature`: gpt-5 models reject it, and extraction needs no sampling
-                # tweaks beyond the strict schema.
+                # No `temperature`: reasoning models reject it, and extraction needs no
+                # sampling tweaks beyond the schema.
                 # `post` with a plain JSON body: the same request `chat.completions.create`
                 # sends, without its per-call walk over the typed parameters (about 4 ms of
                 # CPU for this deep schema, a third of a call's cost in the client).
                 completion = await self._client.post(
                     "/chat/completions",
                     cast_to=ChatCompletion,
-                    body={
-                        "model": self._model,
-                        "messages": messages,
-                        "response_format": self._response_format,
-                    },
+                    body=shape.body(prompt.messages(), cache_key),
                 )
             except APIStatusError as exc:
+                if shape.learn(exc.status_code, exc.message, _param(exc), exc.code):
+                    continue  # the same request in a shape this server takes
                 failure = self._classify(exc)
             except APITimeoutError:
                 failure = _Transient(f"timed out after {self._settings.openai_timeout:g} s")
@@ -181,12 +248,13 @@ class OpenAIAnalyzer:
 
             if retry >= self._max_retries:
                 raise AnalyzerUnavailableError(
-                    f"OpenAI unavailable after {retry + 1} calls: {failure.reason}"
+                    f"OpenAI unavailable after {retry + 1} calls: {failure.reason}", usage
                 )
             if failure.retry_after is not None:
                 if failure.retry_after > self._retry.max_wait:
                     raise AnalyzerUnavailableError(
-                        f"OpenAI asked to wait {failure.retry_after:.0f} s ({failure.reason})"
+                        f"OpenAI asked to wait {failure.retry_after:.0f} s ({failure.reason})",
+                        usage,
                     )
                 delay = failure.retry_after
             else:
@@ -234,6 +302,19 @@ class OpenAIAnalyzer:
         )
 
 
+def is_openai(base_url: str) -> bool:
+    return base_url.rstrip("/").startswith("https://api.openai.com")
+
+
+def _param(exc: APIStatusError) -> str | None:
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("param"), str):
+            return str(inner["param"])
+    return None
+
+
 def decode_answer(completion: ChatCompletion) -> LeadFacts:
     """The facts in the completion's first choice, or `_UnusableAnswer` saying why not."""
     if not completion.choices:
@@ -263,6 +344,7 @@ def add_usage(usage: TokenUsage, completion: ChatCompletion) -> None:
     reported = completion.usage
     if reported is None:
         return
+    usage.calls_without_usage = max(0, usage.calls_without_usage - 1)
     usage.prompt_tokens += reported.prompt_tokens or 0
     usage.completion_tokens += reported.completion_tokens or 0
     details = reported.prompt_tokens_details

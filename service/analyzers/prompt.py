@@ -1,17 +1,22 @@
 """The messages sent to the model: fixed instructions, then the dialog as delimited data.
 
-The system message is one constant string, byte-identical on every call, so the provider's
-prompt cache can reuse it across dialogs. The dialog goes in a single user message inside
-`<dialog>` … `</dialog>`; nothing in a message's text can close that block or forge a
-message line, because angle brackets are replaced by look-alikes and continuation lines
-are indented.
+Laid out for the provider's prefix cache. A contact is re-analysed each time its dialog
+grows, so the request is built to be append-only: the instructions (and, for servers
+without strict schemas, the schema) are one constant string; then the dialog's lines,
+oldest first, each rendered from its own message alone; the parts that change on every
+call (counts) come last. When the dialog outgrows its budget, old messages are dropped in
+large steps on a fixed grid of message numbers, so the cached prefix changes rarely.
+
+The dialog goes inside `<dialog>` … `</dialog>`; nothing in a message's text can close
+that block or forge a message line, because angle brackets are replaced by look-alikes
+and continuation lines are indented.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 
@@ -100,13 +105,18 @@ class RenderedDialog(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Prompt(msgspec.Struct, frozen=True, kw_only=True):
-    system: str
-    user: str
+    system: str  # the instructions (constant for a given server)
+    user: str  # the dialog block, then the per-call counts
     kept_messages: int
     dropped_messages: int
     estimated_tokens: int
+    # Instructions folded into the user message (servers whose chat template drops the
+    # system role); the static text still comes first, so the prefix stays cacheable.
+    fold_system: bool = False
 
     def messages(self) -> list[dict[str, str]]:
+        if self.fold_system:
+            return [{"role": "user", "content": f"{self.system}\n\n{self.user}"}]
         return [
             {"role": "system", "content": self.system},
             {"role": "user", "content": self.user},
@@ -137,64 +147,155 @@ def message_line(message: DialogMessage, limit: int) -> tuple[str, bool]:
 
 
 def render_dialog(
-    messages: Sequence[DialogMessage], *, max_messages: int, max_chars: int
+    messages: Sequence[DialogMessage],
+    *,
+    max_messages: int,
+    max_chars: int,
+    first_number: int = 0,
 ) -> RenderedDialog:
-    """The newest messages that fit both budgets, oldest first.
+    """The newest messages that fit both budgets, oldest first, from a stable start.
 
-    Oldest messages are dropped first; one huge message is cut to a quarter of the
-    character budget so a pasted document cannot crowd out the conversation.
+    `first_number` is the number of `messages[0]` in the whole history (the reader hands
+    over only the newest messages). The shown part starts at a message number on a grid
+    (every quarter of `max_messages` messages, finer only when that cannot fit), the
+    lowest that fits: as the dialog grows, the start stays put until the budget is
+    exceeded, then jumps far ahead. One huge message is cut to a quarter of the character
+    budget so a pasted document cannot crowd out the conversation.
     """
     per_message = max(100, max_chars // 4)
     # Messages without text (e.g. a deleted media caption) carry nothing to analyse.
-    candidates = [m for m in messages if m.text.strip()]
-    lines: list[str] = []
-    used = 0
-    truncated = 0
-    for message in reversed(candidates[-max_messages:]):
-        line, cut = message_line(message, per_message)
-        if used + len(line) + 1 > max_chars:
-            if lines:
-                break
-            # The newest message always goes in, cut to what the budget allows.
-            room = max_chars - len(message_prefix(message)) - len(_cut_note(10**9)) - 2
-            line, cut = message_line(message, max(1, room))
-        lines.append(line)
-        used += len(line) + 1
-        truncated += cut
-    lines.reverse()
-    return RenderedDialog(
-        lines=lines,
-        kept=len(lines),
-        dropped=len(candidates) - len(lines),
-        truncated=truncated,
+    entries = [
+        (first_number + i, *message_line(m, per_message))
+        for i, m in enumerate(messages)
+        if m.text.strip()
+    ]
+    start = _stable_start(
+        [n for n, _, _ in entries],
+        [len(line) + 1 for _, line, _ in entries],
+        max_messages=max_messages,
+        max_chars=max_chars,
+        first_number=first_number,
     )
+    if start is None:
+        # Not even the newest message fits: it goes in alone, cut to what the budget allows.
+        if not entries:
+            return RenderedDialog(lines=[], kept=0, dropped=0, truncated=0)
+        newest = [m for m in messages if m.text.strip()][-1]
+        room = max_chars - len(message_prefix(newest)) - len(_cut_note(10**9)) - 2
+        line, _ = message_line(newest, max(1, room))
+        return RenderedDialog(lines=[line], kept=1, dropped=len(entries) - 1, truncated=1)
+    shown = entries[start:]
+    return RenderedDialog(
+        lines=[line for _, line, _ in shown],
+        kept=len(shown),
+        dropped=start,
+        truncated=sum(cut for _, _, cut in shown),
+    )
+
+
+def _stable_start(
+    numbers: Sequence[int],
+    sizes: Sequence[int],
+    *,
+    max_messages: int,
+    max_chars: int,
+    first_number: int,
+) -> int | None:
+    """Index of the first shown entry: the lowest grid point whose tail fits, coarse grid
+    first; None when not even the newest entry fits."""
+    count = len(numbers)
+    tail_chars = [0] * (count + 1)
+    for i in range(count - 1, -1, -1):
+        tail_chars[i] = tail_chars[i + 1] + sizes[i]
+
+    def fits(i: int) -> bool:
+        return count - i <= max_messages and tail_chars[i] <= max_chars
+
+    if count == 0 or (first_number == 0 and fits(0)):
+        return 0
+
+    def ample(i: int) -> bool:
+        # A jump must leave at least half of one budget, or the model sees too little.
+        return 2 * (count - i) >= max_messages or 2 * tail_chars[i] >= max_chars
+
+    step = max(1, max_messages // 4)
+    while True:
+        start = _lowest_fitting(numbers, step, first_number, fits)
+        if start is not None and (step == 1 or ample(start)):
+            return start
+        if step == 1:
+            return None
+        step //= 2
+
+
+def _lowest_fitting(
+    numbers: Sequence[int], step: int, first_number: int, fits: Callable[[int], bool]
+) -> int | None:
+    for i, number in enumerate(numbers):
+        # The first entry at or after a grid point (a multiple of `step`); the first one
+        # handed over is that only if no older message of the history is.
+        if i == 0:
+            on_grid = number // step * step >= first_number
+        else:
+            on_grid = number // step != numbers[i - 1] // step
+        if on_grid and fits(i):
+            return i
+    return None
 
 
 def _cut_note(removed: int) -> str:
     return f"…[обрезано {removed} симв.]"
 
 
-def build_prompt(dialog: Dialog, settings: Settings) -> Prompt:
-    rendered = render_dialog(
-        dialog.messages,
-        max_messages=settings.max_dialog_messages,
-        max_chars=settings.max_dialog_chars,
-    )
-    header = [
-        "Analyse this WhatsApp dialog and return its lead facts.",
+SCHEMA_INTRO = "Answer with one JSON object that matches this JSON schema:"
+
+
+@functools.cache
+def instructions(*, with_schema: bool) -> str:
+    """The system text; the schema joins it for servers that do not enforce it themselves
+    (without it a model that is only grammar-constrained never learns the fields' meaning)."""
+    if not with_schema:
+        return SYSTEM_PROMPT
+    return f"{SYSTEM_PROMPT}\n\n{SCHEMA_INTRO}\n{lead_facts_schema_json().decode()}"
+
+
+def render_user_message(dialog: Dialog, rendered: RenderedDialog) -> str:
+    """The dialog block first (append-only as the dialog grows), the per-call counts last."""
+    footer = [
         f"Messages shown: {rendered.kept}, oldest first; times are UTC.",
         f"Whole history: {dialog.incoming_count} from the client, "
         f"{dialog.outgoing_count} from the manager.",
     ]
     if rendered.dropped:
-        header.append(f"Older messages left out: {rendered.dropped}.")
-    user = "\n".join([*header, DIALOG_OPEN, *rendered.lines, DIALOG_CLOSE])
+        footer.append(f"Older messages left out: {rendered.dropped}.")
+    return "\n".join([DIALOG_OPEN, *rendered.lines, DIALOG_CLOSE, *footer])
+
+
+def build_prompt(
+    dialog: Dialog,
+    settings: Settings,
+    *,
+    with_schema: bool = False,
+    fold_system: bool = False,
+) -> Prompt:
+    history = dialog.incoming_count + dialog.outgoing_count
+    first_number = max(0, history - len(dialog.messages))
+    rendered = render_dialog(
+        dialog.messages,
+        max_messages=settings.max_dialog_messages,
+        max_chars=settings.max_dialog_chars,
+        first_number=first_number,
+    )
+    rendered = msgspec.structs.replace(rendered, dropped=rendered.dropped + first_number)
+    system = instructions(with_schema=with_schema)
+    user = render_user_message(dialog, rendered)
     return Prompt(
-        system=SYSTEM_PROMPT,
+        system=system,
         user=user,
         kept_messages=rendered.kept,
         dropped_messages=rendered.dropped,
-        estimated_tokens=_estimate(SYSTEM_PROMPT, user),
+        estimated_tokens=_estimate(system, user, schema_in_request=not with_schema),
+        fold_system=fold_system,
     )
 
 
@@ -212,11 +313,11 @@ def _schema_tokens() -> int:
     return estimate_text_tokens(lead_facts_schema_json().decode())
 
 
-def _estimate(system: str, user: str) -> int:
+def _estimate(system: str, user: str, *, schema_in_request: bool = True) -> int:
     # The response schema is part of the prompt the model is billed for.
     return (
         estimate_text_tokens(system)
         + estimate_text_tokens(user)
-        + _schema_tokens()
+        + (_schema_tokens() if schema_in_request else 0)
         + 2 * TOKENS_PER_MESSAGE
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
 
@@ -47,6 +47,27 @@ class Dialog(msgspec.Struct, kw_only=True):
     @property
     def last_message_id(self) -> str | None:
         return self.messages[-1].id if self.messages else None
+
+
+def dialog_of(
+    instance: str,
+    contact: Contact,
+    history: Sequence[DialogMessage],
+    *,
+    window: int | None = None,
+) -> Dialog:
+    """A dialog from its whole chronological `history`: the newest `window` messages (all
+    when None) with whole-history counts, as the Evolution reader hands a dialog over."""
+    shown = list(history[-window:] if window else history)
+    return Dialog(
+        instance=instance,
+        contact=contact,
+        messages=shown,
+        incoming_count=sum(1 for m in history if not m.from_me),
+        outgoing_count=sum(1 for m in history if m.from_me),
+        first_message_at=shown[0].timestamp if shown else None,
+        last_message_at=shown[-1].timestamp if shown else None,
+    )
 
 
 def merge_messages(dialog: Dialog, extra: list[DialogMessage], limit: int) -> Dialog:

@@ -8,10 +8,27 @@
 
 Replies come from, in order: the scripted queue, the handler set by `set_handler`, and by
 default a valid LeadFacts answer (the rules extractor's facts for the dialog in the prompt)
-with a usage block whose `cached_tokens` counts the system prompt once it has been seen;
-`facts=lambda dialog: FIXED` answers fixed facts instead (no rules CPU in a benchmark).
+with a usage block. `facts=lambda dialog: FIXED` answers fixed facts instead (no rules CPU
+in a benchmark).
+
 Like OpenAI it answers 401 to a wrong key (when `api_key` is set), 404 `model_not_found`
-to a model outside `known_models` (when set) and 400 to `temperature` for gpt-5 models.
+to a model outside `known_models` (when set), and for its reasoning models (gpt-5*,
+gpt-6*, o*) 400 `unsupported_parameter` to `max_tokens` and 400 to `temperature`, with
+OpenAI's wording. `GET /v1/models/{id}` answers the model object, with `shutdown_date`
+for the models in `shutdown_dates` (`models_endpoint=False`: 404, as servers without it).
+
+Prompt caching as OpenAI documents it: the longest common prefix of a request's prompt
+with the previous request of the same `prompt_cache_key` (or with the previous request at
+all, whichever is longer) is served from cache once it reaches 1,024 tokens, in steps of
+128 tokens; `prefix_tokens` records the exact common prefix for benchmarks.
+
+Other servers' refusals are opt-in: `response_formats={"text", "json_object"}` refuses
+every other `response_format` type with HTTP 500 as llama-cpp-python's server does
+(`llama_cpp/server`: the request model's `response_format.type` is `text` or
+`json_object`), `reject_params={"reasoning_effort"}` refuses those parameters with
+OpenAI's 400, and `drops_system=True` answers as a model that never saw the system
+message (llama-cpp-python's `format_gemma` drops it): `seen_prompt` records what the
+model got; `props={...}` serves llama.cpp's `GET /props` (its `chat_template_caps`).
 Every request is recorded with its JSON body, headers and start/finish times.
 """
 
@@ -37,6 +54,9 @@ from service.domain.dialog import Contact, Dialog, DialogMessage
 from service.domain.facts import LeadFacts
 
 CHARS_PER_TOKEN = 3.5
+CACHE_MIN_TOKENS = 1024
+CACHE_STEP_TOKENS = 128
+_REASONING_MODEL = re.compile(r"^(gpt-5|gpt-6|o\d)")
 _LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d)\] (\S+): ?(.*)$")
 
 
@@ -47,6 +67,9 @@ class RecordedRequest(msgspec.Struct, kw_only=True):
     headers: dict[str, str]  # names in lower case
     started: float  # time.monotonic()
     finished: float | None = None
+    prompt_tokens: int = 0  # the prompt as billed
+    prefix_tokens: int = 0  # common prefix with the previous request of the same key
+    seen_prompt: str = ""  # what the model got (system dropped when `drops_system`)
 
     @property
     def model(self) -> str | None:
@@ -120,8 +143,22 @@ class FakeOpenAI:
         api_key: str | None = None,
         known_models: Collection[str] | None = None,
         facts: FactsFor | None = None,
+        shutdown_dates: dict[str, str] | None = None,
+        models_endpoint: bool = True,
+        response_formats: Collection[str] | None = None,
+        reject_params: Collection[str] = (),
+        drops_system: bool = False,
+        props: dict[str, Any] | None = None,
     ) -> None:
         self.latency = latency
+        self.shutdown_dates = dict(shutdown_dates or {})
+        self.models_endpoint = models_endpoint
+        self.response_formats = set(response_formats) if response_formats is not None else None
+        self.reject_params = set(reject_params)
+        self.drops_system = drops_system
+        self.props = props
+        self.model_lookups: list[str] = []
+        self._last_prompt: dict[str | None, str] = {}
         self.api_key = api_key
         self.known_models = set(known_models) if known_models is not None else None
         self.requests: list[RecordedRequest] = []
@@ -130,7 +167,6 @@ class FakeOpenAI:
         self._facts = facts
         self._script: deque[FakeReply] = deque()
         self._handler: Handler | None = None
-        self._seen_system: set[str] = set()
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self._port = 0
@@ -139,6 +175,8 @@ class FakeOpenAI:
     async def start(self) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._handle)
+        app.router.add_get("/v1/models/{model}", self._model)
+        app.router.add_get("/props", self._props)
         # Cancel a handler when its client gives up (timeouts), and do not wait long for
         # sleeping handlers at shutdown.
         self._runner = web.AppRunner(
@@ -205,6 +243,34 @@ class FakeOpenAI:
         return result
 
     # -- serving --------------------------------------------------------------------
+    async def _props(self, request: web.Request) -> web.Response:
+        # llama.cpp's server only (tools/server: GET /props with `chat_template_caps`).
+        if self.props is None:
+            raise web.HTTPNotFound()
+        return web.json_response(self.props)
+
+    async def _model(self, request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+        self.model_lookups.append(model)
+        known = self.known_models is None or model in self.known_models
+        if not self.models_endpoint or not known:
+            reply = FakeReply.error(
+                404,
+                f"The model `{model}` does not exist or you do not have access to it.",
+                code="model_not_found",
+                type="invalid_request_error",
+            )
+            return web.json_response(reply.body, status=404)
+        body: dict[str, Any] = {
+            "id": model,
+            "object": "model",
+            "created": 1_760_000_000,
+            "owned_by": "system",
+        }
+        if model in self.shutdown_dates:
+            body["shutdown_date"] = self.shutdown_dates[model]
+        return web.json_response(body)
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         try:
@@ -216,6 +282,7 @@ class FakeOpenAI:
             headers={k.lower(): v for k, v in request.headers.items()},
             started=time.monotonic(),
         )
+        self._account_prompt(record)
         self.requests.append(record)
         self.in_flight += 1
         self.max_concurrency = max(self.max_concurrency, self.in_flight)
@@ -248,12 +315,30 @@ class FakeOpenAI:
                 code="model_not_found",
                 type="invalid_request_error",
             )
-        if "temperature" in record.body and model.startswith("gpt-5"):
+        reasoning = bool(_REASONING_MODEL.match(model))
+        if "temperature" in record.body and reasoning:
             return FakeReply.error(
                 400,
                 "Unsupported value: 'temperature' does not support 0.0 with this model.",
                 code="unsupported_value",
                 type="invalid_request_error",
+            )
+        refused = {"max_tokens"} if reasoning else set()
+        for param in sorted((refused | self.reject_params) & set(record.body)):
+            if param == "max_tokens":
+                message = (
+                    "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                    "Use 'max_completion_tokens' instead."
+                )
+            else:
+                message = f"Unrecognized request argument supplied: {param}"
+            return _param_error(message, param)
+        kind = (record.body.get("response_format") or {}).get("type", "text")
+        if self.response_formats is not None and kind not in self.response_formats:
+            return FakeReply.error(
+                500,
+                "1 validation error for CreateChatCompletionRequest\nresponse_format.type\n"
+                f"  Input should be 'text' or 'json_object' [input_value='{kind}']",
             )
         if self._script:
             return self._script.popleft()
@@ -291,14 +376,12 @@ class FakeOpenAI:
     def _completion(
         self, record: RecordedRequest, content: str | None, reply: FakeReply
     ) -> dict[str, Any]:
-        system = record.system_prompt
-        prompt_tokens = _tokens(system) + _tokens(record.user_prompt)
-        schema = record.body.get("response_format")
-        if schema is not None:
-            prompt_tokens += _tokens(msgspec.json.encode(schema).decode())
-        # Prompt caching, simplified: a system prompt seen before is served from cache.
-        cached = _tokens(system) if system in self._seen_system else 0
-        self._seen_system.add(system)
+        prompt_tokens = record.prompt_tokens
+        cached = 0
+        if record.prefix_tokens >= CACHE_MIN_TOKENS:
+            cached = (
+                record.prefix_tokens - (record.prefix_tokens - CACHE_MIN_TOKENS) % CACHE_STEP_TOKENS
+            )
         completion_tokens = _tokens(content or reply.refusal or "")
         return {
             "id": f"chatcmpl-fake-{next(self._ids)}",
@@ -323,8 +406,27 @@ class FakeOpenAI:
             },
         }
 
+    def _account_prompt(self, record: RecordedRequest) -> None:
+        """The prompt as one text (schema first, then each message), and its cached prefix."""
+        schema = record.body.get("response_format")
+        parts = [msgspec.json.encode(schema).decode() if schema is not None else ""]
+        for message in record.messages:
+            parts.append(f"<{message.get('role')}>{message.get('content', '')}")
+        prompt = "\n".join(parts)
+        key = record.body.get("prompt_cache_key")
+        key = key if isinstance(key, str) else None
+        common = max(
+            _common_prefix(prompt, self._last_prompt.get(key, "")),
+            _common_prefix(prompt, self._last_prompt.get("", "")),
+        )
+        self._last_prompt[key] = self._last_prompt[""] = prompt
+        record.prompt_tokens = _tokens(prompt)
+        record.prefix_tokens = int(common / CHARS_PER_TOKEN)
+        seen = [m for m in record.messages if not (self.drops_system and m.get("role") == "system")]
+        record.seen_prompt = "\n".join(str(m.get("content", "")) for m in seen)
+
     def _default_facts(self, record: RecordedRequest) -> LeadFacts:
-        dialog = parse_dialog(record.user_prompt)
+        dialog = parse_dialog(record.seen_prompt)
         if self._facts is None:
             self._facts = RulesAnalyzer().extract
         return self._facts(dialog)
@@ -363,6 +465,30 @@ def parse_dialog(user_prompt: str) -> Dialog:
         first_message_at=messages[0].timestamp if messages else None,
         last_message_at=messages[-1].timestamp if messages else None,
     )
+
+
+def _param_error(message: str, param: str) -> FakeReply:
+    body = {
+        "error": {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": param,
+            "code": "unsupported_parameter",
+        }
+    }
+    return FakeReply(status=400, body=body)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix of `a` and `b` (halving search over slices)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        mid = (low + high + 1) // 2
+        if a[:mid] == b[:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 def _tokens(text: str) -> int:

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test demo bench lint typecheck services venv migrate clean
+.PHONY: run test test-slow cluster cluster-stop demo bench lint typecheck services venv migrate clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,18 @@ typecheck: venv
 
 test: venv services lint typecheck
 	$(BIN)/pytest -q
+
+# Real-cluster suite (a private 3-node RabbitMQ started and removed by the tests): node
+# loss under load, shard rebalancing across processes. About 5 minutes; not in `make test`.
+test-slow: venv services
+	$(BIN)/pytest -q -m slow
+
+# A private 3-node RabbitMQ cluster on AMQP ports 5681-5683 (see scripts/cluster.sh).
+cluster:
+	@bash scripts/cluster.sh start
+
+cluster-stop:
+	@bash scripts/cluster.sh stop
 
 run: venv services
 	@$(BIN)/python scripts/local_env.py

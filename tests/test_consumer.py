@@ -269,7 +269,7 @@ async def test_poison_message_goes_straight_to_dlq(settings: Settings) -> None:
         exchange = await channel.get_exchange(topology.intake_exchange)
         await exchange.publish(
             aio_pika.Message(b"\x00not json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-            routing_key="shard.0",
+            routing_key=topology.shard_key(0),
         )
         await connection.close()
 

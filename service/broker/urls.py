@@ -25,7 +25,7 @@ def node_urls(amqp_url: str) -> list[str]:
     if not text.startswith(_SCHEMES):
         raise ValueError("must be an amqp:// or amqps:// URL")
     pieces = [piece.strip() for piece in text.split(",")]
-    if len(pieces) > 1 and all(piece.startswith(_SCHEMES) for piece in pieces[1:]):
+    if len(pieces) > 1 and any("://" in piece for piece in pieces[1:]):
         urls = pieces
     else:
         match = _MULTI_HOST.match(text)
@@ -40,20 +40,20 @@ def node_urls(amqp_url: str) -> list[str]:
 
 
 def _check(url: str, index: int, total: int) -> None:
-    where = f"node {index} of {total}" if total > 1 else "the URL"
+    where = f"node {index} of {total} " if total > 1 else ""
     if not url.startswith(_SCHEMES):
-        raise ValueError(f"{where} must start with amqp:// or amqps://")
+        raise ValueError(f"{where}must start with amqp:// or amqps://")
     try:
         parsed = URL(url)
         port = parsed.port  # raises on a port that is not a number
     except ValueError:
-        raise ValueError(f"{where} is not a valid URL (host, port or %-escapes)") from None
+        raise ValueError(f"{where}is not a valid URL (host, port or %-escapes)") from None
     if not parsed.host:
-        raise ValueError(f"{where} has no host name")
+        raise ValueError(f"{where}has no host name")
     if port is not None and not 1 <= port <= 65535:
-        raise ValueError(f"{where} has port {port}, expected 1-65535")
+        raise ValueError(f"{where}has port {port}, expected 1-65535")
     if parsed.path.count("/") > 1:
-        raise ValueError(f"{where}: a vhost with '/' must be written %2F")
+        raise ValueError(f"{where}has a vhost with '/': write it as %2F")
 
 
 def redact(url: str) -> str:

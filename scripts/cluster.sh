@@ -60,7 +60,8 @@ CONF
 
 start_node() {
     local n=$1 dir="$BASE/crmt$1"
-    (node_env "$n" && setsid "$RMQ/rabbitmq-server" >>"$dir/log/console.log" 2>&1 </dev/null &)
+    # The whole subshell detached from our stdout: callers may read it through a pipe.
+    (node_env "$n" && exec setsid "$RMQ/rabbitmq-server") >>"$dir/log/console.log" 2>&1 </dev/null &
     ctl "$n" wait --timeout 120 "$dir/pid" >/dev/null
 }
 

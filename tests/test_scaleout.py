@@ -32,7 +32,7 @@ from service.broker.urls import node_urls
 from service.config import ConfigError, Settings, load_settings
 from tests.harness import delete_topology, message_body, queue_depth, running_service
 from tests.test_consumer import CountingAnalyzer, FailingAnalyzer
-from tests.test_publisher import TcpProxy, closed_port, make_event
+from tests.test_publisher import TcpProxy, closed_port, make_event, take_all
 
 ROOT = Path(__file__).parent.parent
 
@@ -385,21 +385,23 @@ async def test_migrate_moves_the_first_layouts_events(settings: Settings) -> Non
     report = await migrate_topology(settings)
     assert report.complete, report
     assert sum(move.messages for move in report.moved) == len(events)
-    # Retry messages wait (TTL) in the new quorum retry queues; the rest is in the shards.
+    # Retry messages wait (TTL) in the new quorum retry queues, then return to their
+    # shard (x-death names the retry queue); the rest went straight to the shards.
     found = {}
     connection = await aio_pika.connect(settings.amqp_url)
     try:
         channel = await connection.channel()
         for shard in range(settings.queue_shards):
-            queue = await channel.get_queue(topology.shard_queue(shard))
-            while (m := await queue.get(no_ack=True, fail=False)) is not None:
+            for m in await take_all(channel, topology.shard_queue(shard)):
+                deaths = (m.headers or {}).get("x-death") or [{}]
+                via = str(deaths[0].get("queue", ""))  # type: ignore[union-attr,index]
                 for e in msgspec.json.decode(m.body)["events"]:
-                    found[e["message_id"]] = ("shard", shard, m.routing_key)
+                    found[e["message_id"]] = (via, shard, m.routing_key)
         for tier in range(2):
             queue = await channel.get_queue(topology.retry_queue(tier))
             while (m := await queue.get(no_ack=True, fail=False)) is not None:
                 for e in msgspec.json.decode(m.body)["events"]:
-                    found[e["message_id"]] = ("retry", tier, m.routing_key)
+                    found[e["message_id"]] = (topology.retry_queue(tier), tier, m.routing_key)
         for name in (topology.legacy_retry_queue(0), topology.legacy_shard_queue(0)):
             probe = await connection.channel()
             with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
@@ -408,8 +410,9 @@ async def test_migrate_moves_the_first_layouts_events(settings: Settings) -> Non
         await connection.close()
     assert sorted(found) == sorted(e.message_id for e in events)
     for event in events:
-        kind, _, key = found[event.message_id]
+        via, _, key = found[event.message_id]
         shard = shard_for(event.instance, event.contact_key, settings.queue_shards)
         assert key == topology.shard_key(shard)
         n = events.index(event)
-        assert kind == ("retry" if n % 2 else "shard")
+        tier = n % 4 // 2
+        assert via == (topology.retry_queue(tier) if n % 2 else ""), (n, via)

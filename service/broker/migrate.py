@@ -19,12 +19,18 @@ consumers are stopped. Empty, unused old queues are deleted.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import Any
 
 import aiormq
 import msgspec
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
 
 from service.broker.confirm import publish_confirmed
 from service.broker.connection import connect_once
@@ -40,6 +46,9 @@ from service.broker.envelope import (
 )
 from service.broker.topology import H_LEGACY_RETRY_TIER, Topology
 from service.config import Settings
+
+_PREFETCH = 50
+_IDLE = 1.5  # seconds without a delivery: the queue is drained (or held by another)
 
 
 class QueueMove(msgspec.Struct, kw_only=True):
@@ -121,60 +130,84 @@ async def _drain(
     """Move every message of `queue`: to the retry queue of `retry_attempt`'s tier, or
     (None) straight into the shard queues."""
     move = QueueMove(queue=queue.name)
-    while True:
-        message = await queue.get(no_ack=False, fail=False)
-        if message is None:
-            break
-        headers: dict[str, Any] = dict(message.headers or {})
-        headers.pop(H_LEGACY_RETRY_TIER, None)
-        try:
-            batch = decode_batch(message.body)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            headers[H_ERROR] = "undecodable (found by topology migrate)"
-            await publish_confirmed(
-                channel, topology.dlx_exchange, message.routing_key or "", message.body, headers
-            )
-            await message.ack()
-            move.dead_lettered += 1
-            continue
-        groups: dict[int, list[QueuedEvent]] = {}
-        for event in batch.events:
-            shard = shard_for(event.instance, event.contact_key, topology.shards)
-            groups.setdefault(shard, []).append(event)
-        for shard, events in groups.items():
-            part = {
-                **headers,
-                H_ATTEMPT: header_int(headers.get(H_ATTEMPT)),
-                H_IDEMPOTENCY_KEYS: [e.idempotency_key for e in events],
-            }
-            if retry_attempt is None:
-                exchange = topology.intake_exchange
-            else:
-                exchange = topology.retry_exchange
-                part.update(topology.retry_headers(retry_attempt))
-            await publish_confirmed(
-                channel, exchange, topology.shard_key(shard), encode_batch(events), part
-            )
-        await message.ack()
-        move.messages += 1
+    # Consumed, not fetched: quorum queues with a single active consumer refuse basic.get
+    # (rabbit_fifo.erl: `{unsupported, single_active_consumer}`). While an old consumer
+    # is active this one is a standby and receives nothing: the queue is left, reported.
+    reader = await connection.channel()
+    await reader.set_qos(prefetch_count=_PREFETCH)
+    inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+    source = await reader.get_queue(queue.name, ensure=False)
+    tag = await source.consume(inbox.put, no_ack=False)
+    try:
+        while True:
+            try:
+                message = await asyncio.wait_for(inbox.get(), _IDLE)
+            except TimeoutError:
+                break
+            await _move(channel, topology, message, retry_attempt, move)
+    finally:
+        with contextlib.suppress(Exception):
+            await source.cancel(tag)
+        with contextlib.suppress(Exception):
+            await reader.close()
     move.deleted, move.left = await _delete_if_empty(connection, queue.name)
     return move
 
 
-async def _delete_if_empty(connection: AbstractConnection, name: str) -> tuple[bool, int]:
-    channel = await connection.channel()
+async def _move(
+    channel: AbstractChannel,
+    topology: Topology,
+    message: AbstractIncomingMessage,
+    retry_attempt: int | None,
+    move: QueueMove,
+) -> None:
+    headers: dict[str, Any] = dict(message.headers or {})
+    headers.pop(H_LEGACY_RETRY_TIER, None)
     try:
-        await channel.queue_delete(name, if_unused=True, if_empty=True)
-        return True, 0
-    except aiormq.exceptions.ChannelPreconditionFailed:
-        pass
-    finally:
-        with contextlib.suppress(Exception):
-            await channel.close()
+        batch = decode_batch(message.body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        headers[H_ERROR] = "undecodable (found by topology migrate)"
+        await publish_confirmed(
+            channel, topology.dlx_exchange, message.routing_key or "", message.body, headers
+        )
+        await message.ack()
+        move.dead_lettered += 1
+        return
+    groups: dict[int, list[QueuedEvent]] = {}
+    for event in batch.events:
+        shard = shard_for(event.instance, event.contact_key, topology.shards)
+        groups.setdefault(shard, []).append(event)
+    for shard, events in groups.items():
+        part = {
+            **headers,
+            H_ATTEMPT: header_int(headers.get(H_ATTEMPT)),
+            H_IDEMPOTENCY_KEYS: [e.idempotency_key for e in events],
+        }
+        if retry_attempt is None:
+            exchange = topology.intake_exchange
+        else:
+            exchange = topology.retry_exchange
+            part.update(topology.retry_headers(retry_attempt))
+        await publish_confirmed(
+            channel, exchange, topology.shard_key(shard), encode_batch(events), part
+        )
+    await message.ack()
+    move.messages += 1
+
+
+async def _delete_if_empty(connection: AbstractConnection, name: str) -> tuple[bool, int]:
+    """Delete the old queue when nothing uses it and it holds nothing (quorum queues
+    refuse `if-unused` and `if-empty` outright — a connection error — so both are checked
+    just before; a message published in between would be lost, but nothing routes to an
+    old queue any more: its bindings use keys no current publisher sends)."""
     channel = await connection.channel()
     try:
         queue = await channel.declare_queue(name, passive=True)
-        return False, int(queue.declaration_result.message_count or 0)
+        left = int(queue.declaration_result.message_count or 0)
+        if left or queue.declaration_result.consumer_count:
+            return False, left
+        await channel.queue_delete(name)
+        return True, 0
     finally:
         with contextlib.suppress(Exception):
             await channel.close()

@@ -75,11 +75,26 @@ cmd_start() {
     wait
     for n in $(seq 2 $COUNT); do
         ctl "$n" stop_app >/dev/null
-        ctl "$n" join_cluster "$(node_name 1)" >/dev/null
+        # A join right after boot fails now and then on a busy machine: reset and retry.
+        for try in 1 2 3; do
+            if ctl "$n" join_cluster "$(node_name 1)" >/dev/null 2>"$BASE/join.err"; then break; fi
+            [ "$try" = 3 ] && { cat "$BASE/join.err" >&2; exit 1; }
+            sleep 2
+            ctl "$n" reset >/dev/null 2>&1 || true
+        done
         ctl "$n" start_app >/dev/null
     done
     ctl 1 await_online_nodes $COUNT >/dev/null 2>&1 || true
     echo "cluster up: AMQP_URL=amqp://guest:guest@127.0.0.1:5681,127.0.0.1:5682,127.0.0.1:5683/"
+}
+
+# epmd forgets a node's name once its socket closes; wait for that, so the name can be
+# registered again by a restart.
+await_gone() {
+    for _ in $(seq 1 100); do
+        if ! epmd -names 2>/dev/null | grep -q "name crmt$1 "; then return 0; fi
+        sleep 0.1
+    done
 }
 
 cmd_stop() {
@@ -87,19 +102,16 @@ cmd_stop() {
         local pidfile="$BASE/crmt$n/pid"
         if [ -f "$pidfile" ]; then
             ctl "$n" stop >/dev/null 2>&1 || kill -9 "$(cat "$pidfile")" 2>/dev/null || true
+            kill -9 "$(cat "$pidfile" 2>/dev/null)" 2>/dev/null || true
         fi
+        await_gone "$n"
     done
     rm -rf "$BASE"
 }
 
 cmd_kill() {
-    local n=$1 pidfile="$BASE/crmt$1/pid"
-    kill -9 "$(cat "$pidfile")"
-    # epmd forgets the name once the socket closes; wait for it so a restart can register.
-    for _ in $(seq 1 50); do
-        if ! (node_env "$n" && epmd -names 2>/dev/null | grep -q "name crmt$n "); then return 0; fi
-        sleep 0.1
-    done
+    kill -9 "$(cat "$BASE/crmt$1/pid")"
+    await_gone "$1"
 }
 
 case "${1:-}" in

@@ -4,7 +4,9 @@ Builds a throw-away Evolution-shaped database (generated in SQL, so it takes sec
 an instance of 1,000,000 messages over 20,000 contacts and one of 250,000 messages over
 the same number of contacts — incoming and outgoing, 10 % of contacts LID-addressed (some
 of their messages carrying no phone at all), group chatter, reactions, protocol messages,
-deleted rows and messages stored twice. Then measures, against baselines of the same run:
+deleted rows and messages stored twice, and a "MessageUpdate" row per sent message (read
+receipts) plus revokes of 0.5 % of the received ones. Then measures, against baselines of
+the same run:
 
 - selecting the contacts with >= 3 incoming messages (the whole list, streamed) against a
   plain `count(*)` of the instance's messages;
@@ -111,6 +113,20 @@ FROM "Message" WHERE "instanceId" = $1 AND random() < 0.005
 """
 
 
+# "MessageUpdate" rows as Evolution writes them with DATABASE_SAVE_MESSAGE_UPDATE on
+# (whatsapp.baileys.service.ts, messages.update): a read receipt for every sent message,
+# and for 0.5 % of the received ones the status-less row of a revoke ("delete for
+# everyone"; SERVER_ACK from 2.3.7 on). The reader must leave those messages out.
+UPDATES_SQL = """
+INSERT INTO "MessageUpdate" (id, "keyId", "remoteJid", "fromMe", status, "messageId", "instanceId")
+SELECT m.id || '-u', m."key"->>'id', m."key"->>'remoteJid', fm,
+       CASE WHEN fm THEN 'READ' ELSE 'SERVER_ACK' END, m.id, m."instanceId"
+FROM (SELECT *, COALESCE(("key"->>'fromMe')::boolean, false) AS fm FROM "Message"
+      WHERE "instanceId" = $1 AND id NOT LIKE '%-dup') m
+WHERE fm OR random() < 0.005
+"""
+
+
 def _dsn(database: str) -> str:
     return f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{database}"
 
@@ -126,6 +142,7 @@ async def _generate(dsn: str, name: str, messages: int, contacts: int) -> None:
         await conn.execute("SELECT setseed(0.42)")
         await conn.execute(GENERATE_SQL, name, instance_id, messages, contacts)
         await conn.execute(DUPLICATE_SQL, instance_id)
+        await conn.execute(UPDATES_SQL, instance_id)
     finally:
         await conn.close()
 
@@ -206,7 +223,7 @@ async def _bench(args: argparse.Namespace) -> int:
         await _generate(dsn, big, args.messages, args.contacts)
         conn: asyncpg.Connection[Any] = await asyncpg.connect(dsn)
         try:
-            await conn.execute('ANALYZE "Message"')
+            await conn.execute('ANALYZE "Message"; ANALYZE "MessageUpdate"')
             total = await conn.fetchval('SELECT count(*) FROM "Message"')
         finally:
             await conn.close()

@@ -49,10 +49,17 @@ from service.broker.topology import Topology
 from service.config import Settings
 from service.context import AppContext
 from service.domain.dialog import DialogMessage, from_unix
+from service.evolution.resolver import ContactResolver
 from service.logs import contact_hash
 from service.pipeline import HotLead
 
 _ACCOUNT_TTL = 30.0  # seconds an instance -> account lookup is reused
+# Events whose contact is not known yet (a LID-only message, an edit or delete of a
+# message not seen) wait in the longest retry tier and are tried again, this long at most;
+# then they go to the dead-letter queue (replayable), never silently away.
+_HOLD_SECONDS = 7 * 24 * 3600.0
+H_HELD = "x-held"  # times an event was held for its contact
+H_HELD_SINCE = "x-held-since"  # Unix time it was first held
 _SHUTDOWN_GRACE = 25.0  # seconds in-flight analyses get to finish on SIGTERM
 _PUBLISH_TIMEOUT = 10.0
 _REBALANCE_EVERY = 1.0  # seconds between checks of the fair share
@@ -123,6 +130,7 @@ class ContactConsumer:
         self._rebalancer: asyncio.Task[None] | None = None
         self._notifier = Notifier(self._publish, self._topology)
         self._stopping = False
+        self._resolver = ContactResolver(ctx.reader)
         self.analyses_started = 0  # for tests and metrics: pipeline runs begun
         if self._pipeline.on_hot is None:
             self._pipeline.on_hot = self.publish_hot
@@ -318,11 +326,16 @@ class ContactConsumer:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             await self._poison(message, f"undecodable: {exc}")
             return
+        try:
+            known = await self._place_unknown(batch.events, headers, attempt)
+        except Exception as exc:  # broker trouble: the whole delivery comes back later
+            logger.warning("could not re-route events of unknown contacts ({})", exc)
+            await asyncio.sleep(1.0)
+            await _nack(message)
+            return
         groups: dict[tuple[str, str], list[QueuedEvent]] = {}
-        for event in batch.events:
-            if event.phone_jid is None:
-                self._metrics.consumer_skips.labels("no_contact").inc()
-                continue
+        for event in known:
+            assert event.phone_jid is not None
             groups.setdefault((event.instance, event.phone_jid), []).append(event)
         if not groups:
             await _ack(message)
@@ -339,9 +352,83 @@ class ContactConsumer:
                 contact.first_at = now
             contact.renotify = contact.renotify or again
             for event in events:
-                contact.events[event.message_id] = event
+                # A message and its edit or delete are different events.
+                contact.events[event.idempotency_key] = event
             contact.deliveries.append(delivery)
             self._schedule(key, contact, now)
+
+    # -- contacts not known from the event itself -------------------------------------------
+    async def _place_unknown(
+        self, events: list[QueuedEvent], headers: dict[str, Any], attempt: int
+    ) -> list[QueuedEvent]:
+        """The events whose contact is known; the others are resolved and sent to their
+        contact's shard, or held until it can be."""
+        known: list[QueuedEvent] = []
+        resolved: list[QueuedEvent] = []
+        held: list[QueuedEvent] = []
+        for event in events:
+            self._resolver.remember(event)
+            if event.phone_jid is not None:
+                known.append(event)
+                continue
+            if not self._resolver.resolvable(event):
+                self._metrics.consumer_skips.labels("no_contact").inc()
+                continue
+            phone = await self._resolver.resolve(event)
+            if phone is None:
+                held.append(event)
+            else:
+                resolved.append(msgspec.structs.replace(event, phone_jid=phone))
+        was_held = header_int(headers.get(H_HELD))
+        for event in resolved:
+            await self._publish_events(self._topology.intake_exchange, [event], {H_ATTEMPT: 0})
+            if was_held:
+                self._metrics.held_events.labels(_held_kind(event), "resolved").inc()
+        if held:
+            await self._hold(held, headers, attempt, was_held)
+        return known
+
+    async def _hold(
+        self, events: list[QueuedEvent], headers: dict[str, Any], attempt: int, was_held: int
+    ) -> None:
+        now = time.time()
+        since = float(headers.get(H_HELD_SINCE) or now)
+        if now - since > _HOLD_SECONDS:
+            out = {
+                H_ERROR: "contact never became known (LID without phone, or unknown message)",
+                H_ATTEMPT: attempt,
+            }
+            await self._publish_events(self._topology.dlx_exchange, events, out)
+            for event in events:
+                self._metrics.held_events.labels(_held_kind(event), "dead_lettered").inc()
+            return
+        longest = len(self._topology.retry_delays)  # the n-th attempt uses the last tier
+        out = {
+            H_ATTEMPT: attempt,
+            **self._topology.retry_headers(longest),
+            H_HELD: was_held + 1,
+            H_HELD_SINCE: since,
+        }
+        await self._publish_events(self._topology.retry_exchange, events, out)
+        if not was_held:
+            for event in events:
+                self._metrics.held_events.labels(_held_kind(event), "held").inc()
+
+    async def _publish_events(
+        self, exchange: str, events: list[QueuedEvent], headers: dict[str, Any]
+    ) -> None:
+        """One message per contact shard, confirmed; raises when the broker fails."""
+        by_shard: dict[str, list[QueuedEvent]] = {}
+        for event in events:
+            shard = shard_for(event.instance, event.contact_key, self._settings.queue_shards)
+            by_shard.setdefault(self._topology.shard_key(shard), []).append(event)
+        for routing_key, part in by_shard.items():
+            out = {
+                **headers,
+                H_IDEMPOTENCY_KEYS: [e.idempotency_key for e in part],
+                H_ORIGINAL_ROUTING_KEY: routing_key,
+            }
+            await self._publish(exchange, routing_key, encode_batch(part), out)
 
     def _schedule(self, key: tuple[str, str], contact: _Contact, now: float) -> None:
         if contact.timer is not None:
@@ -424,12 +511,15 @@ class ContactConsumer:
                     "(map it with `crm-backend instances add`, then backfill)"
                 )
                 return True
+            edits, deleted = _changes(events)
             outcome = await self._pipeline.analyze_contact(
                 instance,
                 phone,
                 account,
                 extra_messages=_dialog_messages(events),
                 contact_name=_push_name(events),
+                edits=edits,
+                deleted=deleted,
                 renotify=renotify,
             )
             log.info("contact processed: {}", outcome.outcome, score=outcome.score)
@@ -548,6 +638,24 @@ class ContactConsumer:
         return account
 
 
+def _held_kind(event: QueuedEvent) -> str:
+    return "lid" if event.lid is not None else "unknown_message"
+
+
+def _changes(events: Iterable[QueuedEvent]) -> tuple[dict[str, str], set[str]]:
+    """Edits (message id -> newest text) and deleted message ids among the events."""
+    edits: dict[str, tuple[int, str]] = {}
+    deleted: set[str] = set()
+    for event in events:
+        if event.change == "delete":
+            deleted.add(event.message_id)
+        elif event.change == "edit" and event.text is not None:
+            current = edits.get(event.message_id)
+            if current is None or event.timestamp >= current[0]:
+                edits[event.message_id] = (event.timestamp, event.text)
+    return {k: text for k, (_, text) in edits.items()}, deleted
+
+
 def _dialog_messages(events: Iterable[QueuedEvent]) -> list[DialogMessage]:
     return [
         DialogMessage(
@@ -558,13 +666,13 @@ def _dialog_messages(events: Iterable[QueuedEvent]) -> list[DialogMessage]:
             type=e.message_type,
         )
         for e in events
-        if e.text is not None
+        if e.text is not None and e.change is None
     ]
 
 
 def _push_name(events: list[QueuedEvent]) -> str | None:
     for event in sorted(events, key=lambda e: e.timestamp, reverse=True):
-        if not event.from_me and event.push_name:
+        if not event.from_me and event.push_name and event.change is None:
             return event.push_name
     return None
 

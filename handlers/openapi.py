@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from handlers.webhooks import ROUTES as WEBHOOK_ROUTES
 from service.rest_models import Endpoint, ErrorResponse
 
 REF = "#/components/schemas/{name}"
@@ -37,7 +38,8 @@ INTRO = (
     '`{"success": false, "error": "...", "details": {...}}`.'
 )
 
-# The webhook routes belong to `handlers.webhooks`; listed here so the document is complete.
+# The webhook routes belong to `handlers.webhooks` (every URL form Evolution builds); listed
+# here so the document is complete.
 WEBHOOK_ENDPOINTS = tuple(
     Endpoint(
         "POST",
@@ -53,7 +55,7 @@ WEBHOOK_ENDPOINTS = tuple(
         "large, 503 broker unavailable (Evolution retries).",
         path_params=("event",) if "{event}" in path else (),
     )
-    for path in ("/webhooks/evolution", "/webhooks/evolution/{event}")
+    for path in WEBHOOK_ROUTES
 )
 DOC_ENDPOINTS = (
     Endpoint(

@@ -15,9 +15,10 @@ from aiohttp.typedefs import Middleware
 from loguru import logger
 
 from handlers.errors import Handler, error_response
+from handlers.webhooks import ROUTES as WEBHOOK_ROUTES
 from service.config import Settings
 
-OPEN_ROUTES = frozenset({"/health", "/webhooks/evolution", "/webhooks/evolution/{event}"})
+OPEN_ROUTES = frozenset({"/health", *WEBHOOK_ROUTES})
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="crm-backend"'}
 
 

@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qsl
 
 import msgspec
 from aiohttp import web
@@ -21,7 +22,14 @@ from loguru import logger
 
 from handlers.app import context
 from service.broker.publisher import BrokerUnavailableError
-from service.intake import Accepted, Ignored, event_label, normalize_event, parse_webhook
+from service.intake import (
+    Accepted,
+    Ignored,
+    event_label,
+    normalize_event,
+    parse_webhook,
+    split_event_tail,
+)
 from service.webhook_auth import WebhookAuth, WebhookCredentials
 
 AUTH: web.AppKey[WebhookAuth] = web.AppKey("webhook_auth", WebhookAuth)
@@ -29,6 +37,17 @@ AUTH: web.AppKey[WebhookAuth] = web.AppKey("webhook_auth", WebhookAuth)
 _encoder = msgspec.json.Encoder()
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Every path Evolution can build from a configured `…/webhooks/evolution[/]`: with
+# byEvents it appends `/<event-path>` by string concatenation, so a trailing slash in the
+# configured URL gives `//<event-path>` (webhook.controller.ts, emit). The REST bearer
+# check leaves these routes alone (handlers.rest_auth).
+ROUTES = (
+    "/webhooks/evolution",
+    "/webhooks/evolution/",
+    "/webhooks/evolution/{event}",
+    "/webhooks/evolution//{event}",
+)
 
 
 def _json(status: int, payload: dict[str, Any]) -> web.Response:
@@ -44,10 +63,22 @@ def _too_large(limit: int) -> web.Response:
     )
 
 
-def _credentials(request: web.Request) -> WebhookCredentials:
-    headers = request.headers
+def _query(request: web.Request) -> tuple[str | None, str | None]:
+    """(`token` query value, event path byEvents appended to the query string)."""
+    raw = request.rel_url.raw_query_string
     # Parsing the query string costs more than this check; most calls carry none.
-    query_token = request.query.get("token") if "token" in request.query_string else None
+    if not raw:
+        return None, None
+    raw, tail = split_event_tail(raw)
+    if tail is None:
+        return request.query.get("token"), None
+    # Decoded as aiohttp decodes `request.query` (`+` is a space, %XX escapes).
+    token = next((v for k, v in parse_qsl(raw, keep_blank_values=True) if k == "token"), None)
+    return token, tail
+
+
+def _credentials(request: web.Request, query_token: str | None) -> WebhookCredentials:
+    headers = request.headers
     return WebhookCredentials(
         query_token=query_token,
         header_token=headers.get("X-Webhook-Token"),
@@ -59,10 +90,11 @@ def _credentials(request: web.Request) -> WebhookCredentials:
 async def evolution_webhook(request: web.Request) -> web.Response:
     ctx = context(request)
     counter = ctx.metrics.webhook_events
-    path_event = request.match_info.get("event")
+    query_token, tail_event = _query(request)
+    path_event = request.match_info.get("event") or tail_event
     label = event_label(normalize_event(path_event)) if path_event else "unknown"
 
-    decision = request.app[AUTH].check(_credentials(request))
+    decision = request.app[AUTH].check(_credentials(request, query_token))
     if not decision.ok:
         counter.labels(label, "unauthorized").inc()
         logger.info("webhook refused: {}", decision.reason)
@@ -136,5 +168,5 @@ def setup(app: web.Application) -> None:
 
     app[AUTH] = WebhookAuth.from_settings(app[CTX].settings)
     app.middlewares.append(request_context)
-    app.router.add_post("/webhooks/evolution", evolution_webhook)
-    app.router.add_post("/webhooks/evolution/{event}", evolution_webhook)
+    for path in ROUTES:
+        app.router.add_post(path, evolution_webhook)

@@ -60,6 +60,14 @@ ensure_rabbitmq() {
     wait_port 127.0.0.1 5672 RabbitMQ
 }
 
+# PgBouncer (Debian's package) is only run by the tests, beside PostgreSQL, to check the
+# Evolution reader through a transaction pooler: installed here, never started.
+ensure_pgbouncer() {
+    if command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ]; then return 0; fi
+    apt_install pgbouncer
+}
+
 ensure_postgres
 ensure_rabbitmq
+ensure_pgbouncer
 say "PostgreSQL ($PGHOST:$PGPORT) and RabbitMQ (127.0.0.1:5672) are up"

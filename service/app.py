@@ -45,8 +45,9 @@ async def app_context(
         if reader:
             from service.evolution.reader import EvolutionReader
 
+            url = settings.evolution_url()
             ctx.reader = await EvolutionReader.connect(
-                settings.evolution_dsn(), settings.evolution_db_schema
+                url.dsn, url.schema or "auto", pooler=url.pooler
             )
             stack.push_async_callback(ctx.reader.close)
         if analyzer:

@@ -219,7 +219,8 @@ async def _cmd_index(settings: Settings, args: argparse.Namespace) -> int:
     from service.evolution.index import apply_index, index_sql
     from service.evolution.reader import EvolutionReader
 
-    reader = await EvolutionReader.connect(settings.evolution_dsn(), settings.evolution_db_schema)
+    url = settings.evolution_url()
+    reader = await EvolutionReader.connect(url.dsn, url.schema or "auto", pooler=url.pooler)
     schema = reader.schema
     await reader.close()
     if not args.apply:

@@ -12,13 +12,60 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import msgspec
 
 
 class ConfigError(Exception):
     """A configuration value is missing or malformed; the message names the variable."""
+
+
+class DatabaseUrl(msgspec.Struct, frozen=True, kw_only=True):
+    """A PostgreSQL URL as Evolution's users write it, split for asyncpg."""
+
+    dsn: str  # what asyncpg accepts (Prisma-only parameters removed)
+    schema: str | None  # Prisma's `?schema=` (Evolution's DATABASE_CONNECTION_URI)
+    pooler: bool  # `?pgbouncer=true`: a transaction pooler sits in front
+
+
+# Query parameters of Prisma connection URLs that PostgreSQL does not know (asyncpg would
+# send them as server settings, which the server refuses at connect).
+_PRISMA_PARAMS = frozenset(
+    {
+        "schema",
+        "pgbouncer",
+        "connection_limit",
+        "pool_timeout",
+        "socket_timeout",
+        "statement_cache_size",
+        "sslaccept",
+        "sslidentity",
+        "sslpassword",
+    }
+)
+
+
+def parse_database_url(url: str) -> DatabaseUrl:
+    """Split Evolution's `DATABASE_CONNECTION_URI` form (`…/evolution?schema=evolution_api`,
+    maybe `&pgbouncer=true`) into an asyncpg DSN, the schema and the pooler flag."""
+    parts = urlsplit(url)
+    if not parts.query:
+        return DatabaseUrl(dsn=url, schema=None, pooler=False)
+    kept: list[tuple[str, str]] = []
+    schema: str | None = None
+    pooler = False
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name == "schema":
+            schema = value or None
+        elif name == "pgbouncer":
+            pooler = value.lower() in ("true", "1", "yes")
+        elif name not in _PRISMA_PARAMS:
+            kept.append((name, value))
+    if schema is not None and not _IDENT.fullmatch(schema):
+        raise ConfigError("EVOLUTION_DATABASE_URL: ?schema= must be a plain schema name")
+    dsn = urlunsplit(parts._replace(query=urlencode(kept)))
+    return DatabaseUrl(dsn=dsn, schema=schema, pooler=pooler)
 
 
 class Settings(msgspec.Struct, kw_only=True, frozen=True):
@@ -124,6 +171,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         ):
             if url and not url.startswith(("postgresql://", "postgres://")):
                 raise ConfigError(f"{name} must be a postgresql:// URL")
+        if self.evolution_database_url:
+            parse_database_url(self.evolution_database_url)  # validates ?schema=
         if self.analyzer == "openai" and not self.openai_api_key:
             raise ConfigError("ANALYZER=openai needs OPENAI_API_KEY")
         try:
@@ -134,7 +183,20 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             ) from None
 
     # -- derived values -------------------------------------------------------------
+    def evolution_url(self) -> DatabaseUrl:
+        """Evolution's database: the DSN, the schema to read (EVOLUTION_DB_SCHEMA, else
+        the URL's `?schema=`, else "auto") and whether a transaction pooler is in front."""
+        parsed = parse_database_url(self.evolution_dsn_raw())
+        schema = self.evolution_db_schema
+        if schema == "auto" and parsed.schema is not None:
+            schema = parsed.schema
+        return msgspec.structs.replace(parsed, schema=schema)
+
     def evolution_dsn(self) -> str:
+        """An asyncpg DSN of Evolution's database (Prisma-only URL parameters removed)."""
+        return parse_database_url(self.evolution_dsn_raw()).dsn
+
+    def evolution_dsn_raw(self) -> str:
         if self.evolution_database_url:
             return self.evolution_database_url
         auth = quote(self.evolution_db_user, safe="")

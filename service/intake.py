@@ -23,11 +23,23 @@ from typing import Any
 import msgspec
 
 from service.broker.envelope import QueuedEvent
-from service.evolution.identity import phone_jid
+from service.evolution.identity import (
+    is_non_contact_chat,
+    lid_jid,
+    owner_jid,
+    phone_jid,
+)
 from service.evolution.message_text import message_text
 
 # Events whose messages are queued for analysis (canonical, dotted lower case).
 MESSAGE_EVENTS = frozenset({"messages.upsert", "send.message", "messages.set"})
+# Events that change an earlier message (whatsapp.baileys.service.ts): `messages.delete`
+# (a revoke: the flattened key; a delete through the API: the stored message),
+# `messages.update` (status updates; an edit carries `message.editedMessage`),
+# `messages.edited` / `send.message.update` (the edit's protocolMessage itself).
+CHANGE_EVENTS = frozenset(
+    {"messages.delete", "messages.update", "messages.edited", "send.message.update"}
+)
 
 # Evolution's event names in canonical form; anything else is reported as "other" in
 # metrics so a caller cannot inflate label cardinality.
@@ -98,6 +110,20 @@ def normalize_event(name: str) -> str:
     return name.strip().lower().replace("_", ".").replace("-", ".")
 
 
+def split_event_tail(query_string: str) -> tuple[str, str | None]:
+    """A query string without the event path Evolution's byEvents appended to it.
+
+    Evolution builds the byEvents URL as `${url}/${event-path}` (webhook.controller.ts,
+    emit), so a configured `…/evolution?token=T` becomes `…?token=T/messages-upsert`: the
+    tail belongs to the last query value. It is split off only when it is one of
+    Evolution's event names, so a token that merely contains a slash stays whole.
+    """
+    head, sep, tail = query_string.rpartition("/")
+    if not sep or not tail or normalize_event(tail) not in KNOWN_EVENTS:
+        return query_string, None
+    return head, tail
+
+
 def event_label(event: str) -> str:
     """A bounded metrics label for an event name."""
     if not event:
@@ -110,6 +136,7 @@ class _Envelope(msgspec.Struct):
     event: str | None = None
     instance: str | None = None
     data: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+    sender: str | None = None  # the instance's own number (wuid)
 
 
 class _Long(msgspec.Struct):
@@ -139,7 +166,30 @@ class _MessageData(msgspec.Struct):
     messages: list[_MessageData] | None = None
 
 
+class _ChangeData(msgspec.Struct):
+    """`data` of the change events, every shape in one tolerant struct."""
+
+    key: _Key | None = None
+    # A revoke's messages.delete is the key itself, flattened.
+    remote_jid: str | None = msgspec.field(default=None, name="remoteJid")
+    id: str | None = None
+    from_me: bool | None = msgspec.field(default=None, name="fromMe")
+    remote_jid_alt: str | None = msgspec.field(default=None, name="remoteJidAlt")
+    sender_pn: str | None = msgspec.field(default=None, name="senderPn")
+    key_id: str | None = msgspec.field(default=None, name="keyId")  # messages.update
+    status: str | None = None
+    message: dict[str, Any] | None = None
+    # protocolMessage (messages.edited): type REVOKE (0) or MESSAGE_EDIT (14).
+    type: int | str | None = None
+    edited_message: dict[str, Any] | None = msgspec.field(default=None, name="editedMessage")
+    message_timestamp: int | float | str | _Long | None = msgspec.field(
+        default=None, name="messageTimestamp"
+    )
+    timestamp_ms: int | float | str | _Long | None = msgspec.field(default=None, name="timestampMs")
+
+
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
+_change_decoder = msgspec.json.Decoder(_ChangeData | list[_ChangeData] | None)
 _data_decoder = msgspec.json.Decoder(_MessageData | list[_MessageData] | None)
 
 
@@ -175,25 +225,33 @@ def parse_webhook(
         return Rejected(event=event, reason="missing instance")
     if len(instance) > _MAX_NAME:
         return Rejected(event=event, reason=f"instance name longer than {_MAX_NAME} characters")
+    owner = owner_jid(envelope.sender)
+    if event in CHANGE_EVENTS:
+        return _change_outcome(event, instance, envelope.data, owner, received_at)
     if event not in MESSAGE_EVENTS:
         return Ignored(event=event, reason=event)
-    return _message_outcome(event, instance, envelope.data, received_at)
+    return _message_outcome(event, instance, envelope.data, owner, received_at)
 
 
-def _message_outcome(
-    event: str, instance: str, raw: msgspec.Raw, received_at: int | None
-) -> IntakeOutcome:
+def _decode_data(event: str, raw: msgspec.Raw, decoder: msgspec.json.Decoder[Any]) -> Any:
+    """The body's `data` decoded, or the Rejected outcome saying why it cannot be."""
     if not raw:
         return Rejected(event=event, reason="missing data")
     try:
-        data = _data_decoder.decode(raw)
+        data = decoder.decode(raw)
     except msgspec.ValidationError as exc:
         return Rejected(event=event, reason=_explain(str(exc), root="data"))
     except msgspec.DecodeError as exc:  # pragma: no cover - the envelope already parsed
         return Rejected(event=event, reason=f"malformed JSON: {exc}")
-    if data is None:
-        return Rejected(event=event, reason="missing data")
+    return Rejected(event=event, reason="missing data") if data is None else data
 
+
+def _message_outcome(
+    event: str, instance: str, raw: msgspec.Raw, owner: str | None, received_at: int | None
+) -> IntakeOutcome:
+    data = _decode_data(event, raw, _data_decoder)
+    if isinstance(data, Rejected):
+        return data
     if isinstance(data, list):
         items, where = data, "data[{}]"
     elif data.messages is not None:
@@ -207,7 +265,7 @@ def _message_outcome(
     for index, item in enumerate(items):
         path = where.format(index)
         try:
-            result = _queued_event(event, instance, item, path, received_at)
+            result = _queued_event(event, instance, item, path, owner, received_at)
         except _Invalid as exc:
             invalid.append(str(exc))
             continue
@@ -226,7 +284,12 @@ def _message_outcome(
 
 
 def _queued_event(
-    event: str, instance: str, data: _MessageData, path: str, received_at: int | None
+    event: str,
+    instance: str,
+    data: _MessageData,
+    path: str,
+    owner: str | None,
+    received_at: int | None,
 ) -> QueuedEvent | str:
     """The event of one message, or why it is not queued (a short reason)."""
     key = data.key
@@ -245,13 +308,14 @@ def _queued_event(
     non_contact = _non_contact_reason(remote_jid)
     if non_contact is not None:
         return non_contact
+    if owner is not None and remote_jid == owner:
+        return "own_chat"
     message_type = data.message_type or _guess_type(data.message)
     text = message_text(data.message, message_type)
     if text is None:
         return "not_dialog"
-    contact = phone_jid(
-        {"remoteJid": remote_jid, "remoteJidAlt": key.remote_jid_alt, "senderPn": key.sender_pn}
-    )
+    jids = {"remoteJid": remote_jid, "remoteJidAlt": key.remote_jid_alt, "senderPn": key.sender_pn}
+    contact = phone_jid(jids, owner)
     return QueuedEvent(
         event=event,
         instance=instance,
@@ -262,7 +326,117 @@ def _queued_event(
         timestamp=timestamp,
         message_type=message_type,
         text=text,
-        push_name=(data.push_name or "").strip() or None,
+        push_name=_push_name(data.push_name, jids),
+        lid=lid_jid(jids),
+    )
+
+
+def _push_name(push_name: str | None, jids: dict[str, str | None]) -> str | None:
+    """The sender's display name; None for what only repeats the JID's digits (Evolution's
+    messages.set fallback `participantJid.split('@')[0]`, whatsapp.baileys.service.ts)."""
+    name = (push_name or "").strip()
+    if not name:
+        return None
+    if name.isdigit() and any(
+        isinstance(jid, str) and jid.split("@", 1)[0].split(":", 1)[0] == name
+        for jid in jids.values()
+    ):
+        return None
+    return name
+
+
+def _change_outcome(
+    event: str, instance: str, raw: msgspec.Raw, owner: str | None, received_at: int | None
+) -> IntakeOutcome:
+    data = _decode_data(event, raw, _change_decoder)
+    if isinstance(data, Rejected):
+        return data
+    items = data if isinstance(data, list) else [data]
+    events: list[QueuedEvent] = []
+    skipped: list[str] = []
+    for item in items:
+        result = _change_event(event, instance, item, owner, received_at)
+        if isinstance(result, str):
+            skipped.append(result)
+        else:
+            events.append(result)
+    if not events:
+        return Ignored(event=event, reason=skipped[0] if skipped else "no messages")
+    return Accepted(event=event, instance=instance, events=events, skipped=len(skipped))
+
+
+_EDIT_TYPES = (14, "MESSAGE_EDIT")
+_REVOKE_TYPES = (0, "REVOKE")
+
+
+def _change_event(
+    event: str, instance: str, data: _ChangeData, owner: str | None, received_at: int | None
+) -> QueuedEvent | str:
+    """The change one item describes, or why there is none."""
+    change: str | None
+    text: str | None = None
+    sender_view = False  # the key is in the sender's perspective (an edit's protocolMessage)
+    if event in ("messages.edited", "send.message.update"):
+        sender_view = True
+        if data.type in _REVOKE_TYPES:
+            change = "delete"
+        elif data.type in _EDIT_TYPES or data.edited_message is not None:
+            change = "edit"
+            text = message_text(data.edited_message, None)
+        else:
+            return event
+    elif event == "messages.update":
+        edited = data.message.get("editedMessage") if data.message else None
+        if isinstance(edited, dict) or data.status == "EDITED":
+            change = "edit"
+            text = message_text(data.message, None)
+        elif data.status == "DELETED":
+            change = "delete"
+        else:
+            return event  # a delivery/read status: nothing for the dialog
+    else:  # messages.delete
+        change = "delete"
+    if change == "edit" and text is None:
+        return "not_dialog"
+
+    key = data.key
+    if key is not None:
+        remote_jid, message_id = key.remote_jid, key.id
+        alt, sender_pn, from_me = key.remote_jid_alt, key.sender_pn, key.from_me
+    else:
+        remote_jid, alt, sender_pn = data.remote_jid, data.remote_jid_alt, data.sender_pn
+        message_id = data.key_id or data.id
+        from_me = data.from_me
+    remote_jid = (remote_jid or "").strip()
+    message_id = (message_id or "").strip()
+    if not message_id:
+        return "no_message_id"
+    if is_non_contact_chat(remote_jid):
+        return _non_contact_reason(remote_jid) or "group"
+    jids = {"remoteJid": remote_jid, "remoteJidAlt": alt, "senderPn": sender_pn}
+    contact = phone_jid(jids, owner)
+    lid = lid_jid(jids)
+    if sender_view and contact is None:
+        # The contact's own edit names the business (its number or LID) as the chat: the
+        # contact is found later through the edited message's id.
+        remote_jid, lid = "", None
+    timestamp = _timestamp(data.message_timestamp, None)
+    if timestamp is None and data.timestamp_ms is not None:
+        timestamp = _timestamp(data.timestamp_ms, None)
+    if timestamp is None:
+        timestamp = int(time.time()) if received_at is None else received_at
+    return QueuedEvent(
+        event=event,
+        instance=instance,
+        message_id=message_id,
+        remote_jid=remote_jid or contact or lid or f"{message_id}@message",
+        phone_jid=contact,
+        from_me=bool(from_me),
+        timestamp=timestamp,
+        message_type="protocolMessage",
+        text=text,
+        change=change,
+        lid=lid,
     )
 
 

@@ -56,6 +56,14 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.held_events = Counter(
+            "crm_held_events",
+            "Events whose contact was not known yet (kind: lid = LID-only message, "
+            "unknown_message = edit/delete of a message not seen), by state: held (first "
+            "held), resolved (merged into their contact later), dead_lettered",
+            ["kind", "state"],
+            registry=r,
+        )
         self.retries = Counter(
             "crm_event_retries", "Events sent back for a delayed retry", registry=r
         )

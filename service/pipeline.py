@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from datetime import datetime
 from typing import Any, Literal, Protocol
 
 import msgspec
@@ -16,12 +18,19 @@ from loguru import logger
 
 from service.analyzers.base import AnalysisResult, Analyzer
 from service.config import Settings
-from service.domain.dialog import Contact, ContactSummary, Dialog, DialogMessage, merge_messages
+from service.domain.dialog import (
+    Contact,
+    ContactSummary,
+    Dialog,
+    DialogMessage,
+    apply_changes,
+    merge_messages,
+)
 from service.domain.facts import LeadFacts, empty_facts
 from service.domain.scoring import Score, derive, interest_for, score
 from service.logs import contact_hash
 from service.metrics import Metrics
-from service.stores.base import AnalysisWrite, ResultsStore, StoredState
+from service.stores.base import AnalysisWrite, LeadRow, ResultsStore, StoredState
 
 Outcome = Literal["analyzed", "new_lead", "unchanged", "stale", "no_messages"]
 
@@ -91,14 +100,21 @@ class Pipeline:
         summary: ContactSummary | None = None,
         min_incoming: int | None = None,
         force: bool = False,
+        edits: Mapping[str, str] | None = None,
+        deleted: AbstractSet[str] = frozenset(),
         renotify: bool = False,
     ) -> ContactOutcome:
         """Bring one contact's stored lead up to date with its dialog.
 
         `extra_messages` are messages carried by events (merged: the DB may lag the
-        webhook). `summary`, from the reader's contact aggregate, lets an unchanged
-        contact be skipped without reading its dialog.
+        webhook). `edits` (message id -> new text) and `deleted` (message ids) come from
+        edit/delete events: the dialog is analysed again as WhatsApp now shows it.
+        `summary`, from the reader's contact aggregate, lets an unchanged contact be
+        skipped without reading its dialog.
         """
+        edits = edits or {}
+        changed = bool(edits or deleted)
+        force = force or changed
         started = time.perf_counter()
         threshold = self._settings.min_incoming if min_incoming is None else min_incoming
         state = await self._store.get_state(account, instance, phone)
@@ -115,9 +131,17 @@ class Pipeline:
         dialog = await self._reader.dialog(
             instance, phone, limit=self._settings.max_dialog_messages
         )
+        if dialog is None and state is not None and (extra_messages or changed):
+            # No rows in Evolution's database (DATABASE_SAVE_DATA_NEW_MESSAGE off): the
+            # stored lead holds the dialog so far, so a new event adds to it instead of
+            # starting the counts and first message over.
+            dialog = await self._stored_dialog(account, state, instance, phone)
         if extra_messages:
             base = dialog or _empty_dialog(instance, phone, contact_name)
             dialog = merge_messages(base, list(extra_messages), self._settings.max_dialog_messages)
+        if dialog is not None and changed:
+            dialog = apply_changes(dialog, edits, deleted)
+            dialog = _keep_last_activity(dialog, state)
         if dialog is None or not dialog.messages:
             return self._done("no_messages", instance, phone)
 
@@ -193,6 +217,12 @@ class Pipeline:
             )
         )
 
+    async def _stored_dialog(
+        self, account: uuid.UUID, state: StoredState, instance: str, phone: str
+    ) -> Dialog | None:
+        lead = await self._store.get_lead(account, state.id, include_messages=True)
+        return None if lead is None else _lead_dialog(lead, instance, phone)
+
     def _record(self, analysis: AnalysisResult, lead_score: Score, started: float) -> None:
         m = self._metrics
         m.analysis_seconds.observe(time.perf_counter() - started)
@@ -256,6 +286,48 @@ def _empty_dialog(instance: str, phone: str, name: str | None) -> Dialog:
         outgoing_count=0,
         first_message_at=None,
         last_message_at=None,
+    )
+
+
+def _keep_last_activity(dialog: Dialog, state: StoredState | None) -> Dialog:
+    """A delete can make the dialog's newest message older than the stored one: the
+    lead keeps its last activity time, so the store (newer wins) takes the re-analysis."""
+    stored = None if state is None else state.last_message
+    if stored is None or dialog.last_message_at is None or dialog.last_message_at >= stored:
+        return dialog
+    return msgspec.structs.replace(dialog, last_message_at=stored)
+
+
+def _lead_dialog(lead: LeadRow, instance: str, phone: str) -> Dialog | None:
+    """The dialog a stored lead was last analysed on (its `messages`, counts, times)."""
+    messages: list[DialogMessage] = []
+    for item in lead.messages or ():
+        try:
+            messages.append(
+                DialogMessage(
+                    id=str(item["id"]),
+                    from_me=bool(item["from_me"]),
+                    timestamp=datetime.fromisoformat(str(item["timestamp"])),
+                    text=str(item["text"]),
+                    type=str(item.get("type") or "conversation"),
+                )
+            )
+        except (KeyError, TypeError, ValueError):
+            continue  # a row written by something else: skip what is not a message
+    if not messages:
+        return None
+    return Dialog(
+        instance=instance,
+        contact=Contact(
+            phone=phone,
+            remote_jid=lead.remote_jid or f"{phone}@s.whatsapp.net",
+            name=lead.contact_name,
+        ),
+        messages=sorted(messages, key=lambda m: (m.timestamp, m.id)),
+        incoming_count=max(lead.incoming_count, sum(1 for m in messages if not m.from_me)),
+        outgoing_count=max(lead.outgoing_count, sum(1 for m in messages if m.from_me)),
+        first_message_at=lead.first_message or min(m.timestamp for m in messages),
+        last_message_at=lead.last_message or max(m.timestamp for m in messages),
     )
 
 

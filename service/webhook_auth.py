@@ -5,6 +5,9 @@
 - WEBHOOK_JWT_SECRET: Evolution's `jwt_key` webhook header makes it send
   `Authorization: Bearer <JWT>` with claims app=evolution, action=webhook and exp = iat +
   10 min. The JWT does not cover the body: it proves the sender, not the payload.
+  Evolution signs the token once per event, before its retry loop, and resends the same
+  token on every retry (webhook.controller.ts: generateJwtToken, retryWebhookRequest):
+  a token is therefore accepted past `exp` for as long as that schedule can resend it.
 
 Either configured method passing is enough. With neither configured, requests pass only
 under AUTH_DISABLED=true (and `serve` refuses to start otherwise). Pure: no framework.
@@ -13,6 +16,8 @@ under AUTH_DISABLED=true (and `serve` refuses to start otherwise). Pure: no fram
 from __future__ import annotations
 
 import hmac
+import math
+import time
 
 import jwt
 import msgspec
@@ -20,6 +25,35 @@ import msgspec
 from service.config import ConfigError, Settings
 
 JWT_LEEWAY_SECONDS = 30.0  # clock skew between Evolution's host and ours
+
+# Evolution's webhook retry defaults (webhook.controller.ts, retryWebhookRequest): 10
+# attempts, waits of 5 s doubling up to 300 s with +-20 % jitter, each try up to the 30 s
+# request timeout. The token it signed lives 600 s.
+EVOLUTION_RETRY_ATTEMPTS = 10
+EVOLUTION_RETRY_INITIAL_SECONDS = 5.0
+EVOLUTION_RETRY_MAX_SECONDS = 300.0
+EVOLUTION_RETRY_JITTER = 0.2
+EVOLUTION_REQUEST_TIMEOUT_SECONDS = 30.0
+EVOLUTION_JWT_LIFETIME_SECONDS = 600
+
+
+def evolution_retry_span() -> float:
+    """Longest time from signing to Evolution's last retry (all waits at +jitter, every
+    try timing out)."""
+    waits: float = sum(
+        min(EVOLUTION_RETRY_INITIAL_SECONDS * 2 ** (n - 1), EVOLUTION_RETRY_MAX_SECONDS)
+        * (1 + EVOLUTION_RETRY_JITTER)
+        for n in range(1, EVOLUTION_RETRY_ATTEMPTS)
+    )
+    return waits + (EVOLUTION_RETRY_ATTEMPTS - 1) * EVOLUTION_REQUEST_TIMEOUT_SECONDS
+
+
+# How long past `exp` a correctly signed token is still accepted: the retry span beyond
+# the token's lifetime plus a minute's margin, rounded up to whole minutes (1200 s: a
+# token is good for 30 minutes after Evolution signed it).
+JWT_RETRY_GRACE_SECONDS = (
+    math.ceil((evolution_retry_span() - EVOLUTION_JWT_LIFETIME_SECONDS + 60) / 60) * 60
+)
 
 
 class WebhookCredentials(msgspec.Struct, frozen=True, kw_only=True):
@@ -61,17 +95,28 @@ def bearer_token(authorization: str | None) -> str | None:
     return value.strip() or None
 
 
-def verify_jwt(token: str, secret: str, *, leeway: float = JWT_LEEWAY_SECONDS) -> str | None:
-    """None when Evolution's webhook JWT is valid, else the reason it is not."""
+def verify_jwt(
+    token: str,
+    secret: str,
+    *,
+    leeway: float = JWT_LEEWAY_SECONDS,
+    grace: float = JWT_RETRY_GRACE_SECONDS,
+    now: float | None = None,
+) -> str | None:
+    """None when Evolution's webhook JWT is valid, else the reason it is not.
+
+    Signature, algorithm (HS256 only), `iat`/`nbf` and the claims are checked as usual;
+    `exp` is extended by `grace` so Evolution's retries of one event keep working.
+    """
     try:
         claims = jwt.decode(
             token,
             secret,
             algorithms=["HS256"],
-            options={"require": ["exp"]},
+            options={"require": ["exp"], "verify_exp": False},
             leeway=leeway,
         )
-    except jwt.ExpiredSignatureError:
+    except jwt.ExpiredSignatureError:  # pragma: no cover - exp is checked below
         return "JWT expired"
     except jwt.InvalidSignatureError:
         return "JWT signature invalid"
@@ -85,6 +130,12 @@ def verify_jwt(token: str, secret: str, *, leeway: float = JWT_LEEWAY_SECONDS) -
         return "JWT malformed"
     if claims.get("app") != "evolution" or claims.get("action") != "webhook":
         return "JWT claims app/action wrong"
+    exp = claims.get("exp")
+    if not isinstance(exp, int | float) or isinstance(exp, bool):
+        return "JWT malformed"
+    current = time.time() if now is None else now
+    if current > exp + grace + leeway:
+        return "JWT expired"
     return None
 
 

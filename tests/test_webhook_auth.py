@@ -11,6 +11,7 @@ import pytest
 
 from service.config import ConfigError, Settings
 from service.webhook_auth import (
+    JWT_RETRY_GRACE_SECONDS,
     WebhookAuth,
     WebhookCredentials,
     bearer_token,
@@ -22,6 +23,8 @@ from tests.test_publisher import WEBHOOK_TOKEN, amqp_settings, drain, events_of
 
 SECRET = "evolution-webhook-jwt-secret-0123456789"  # 32+ bytes, as HS256 wants
 TOKEN = "s3cret-webhook-token"
+# Evolution resends one token through its retry schedule: `exp` is extended by this.
+GRACE = JWT_RETRY_GRACE_SECONDS
 
 
 def evolution_jwt(
@@ -102,8 +105,8 @@ def jwt_decision(token: str, auth: WebhookAuth = JWT_AUTH) -> tuple[bool, str | 
 
 def test_jwt_cases() -> None:
     assert jwt_decision(evolution_jwt()) == (True, None)
-    assert jwt_decision(evolution_jwt(exp_in=-120)) == (False, "JWT expired")
-    assert jwt_decision(evolution_jwt(exp_in=-5)) == (True, None)  # within clock leeway
+    assert jwt_decision(evolution_jwt(exp_in=-120 - GRACE)) == (False, "JWT expired")
+    assert jwt_decision(evolution_jwt(exp_in=-5 - GRACE)) == (True, None)  # within clock leeway
     assert jwt_decision(evolution_jwt(secret="another-secret-of-enough-length-xx")) == (
         False,
         "JWT signature invalid",
@@ -129,7 +132,7 @@ def test_jwt_cases() -> None:
 
 def test_verify_jwt_and_bearer_helpers() -> None:
     assert verify_jwt(evolution_jwt(), SECRET) is None
-    assert verify_jwt(evolution_jwt(exp_in=-10), SECRET, leeway=0) == "JWT expired"
+    assert verify_jwt(evolution_jwt(exp_in=-10 - GRACE), SECRET, leeway=0) == "JWT expired"
     assert bearer_token("Bearer  abc ") == "abc"
     assert bearer_token("Bearer") is None
     assert bearer_token(None) is None
@@ -141,7 +144,9 @@ def test_either_method_is_enough_when_both_configured() -> None:
     assert both.check(WebhookCredentials(authorization=f"Bearer {evolution_jwt()}")).method == (
         "jwt"
     )
-    expired = both.check(WebhookCredentials(authorization=f"Bearer {evolution_jwt(exp_in=-99)}"))
+    expired = both.check(
+        WebhookCredentials(authorization=f"Bearer {evolution_jwt(exp_in=-99 - GRACE)}")
+    )
     assert expired.reason == "JWT expired"
     neither = both.check(WebhookCredentials(query_token="bad"))
     assert not neither.ok and neither.reason == "invalid webhook token"
@@ -176,7 +181,11 @@ async def test_http_auth_outcomes(settings: Settings) -> None:
             ({}, path, "missing webhook token"),
             ({}, f"{path}?token=wrong", "invalid webhook token"),
             ({"X-Webhook-Token": "wrong"}, path, "invalid webhook token"),
-            ({"Authorization": f"Bearer {evolution_jwt(exp_in=-300)}"}, path, "JWT expired"),
+            (
+                {"Authorization": f"Bearer {evolution_jwt(exp_in=-300 - GRACE)}"},
+                path,
+                "JWT expired",
+            ),
             (
                 {"Authorization": f"Bearer {evolution_jwt(secret='x' * 40)}"},
                 path,

@@ -34,9 +34,15 @@ class QueuedEvent(msgspec.Struct, kw_only=True, frozen=True):
     message_type: str
     text: str | None  # readable text (None: not a dialog turn, e.g. a reaction)
     push_name: str | None = None
+    # Set on events that change an earlier message (`message_id` is that message's id):
+    # "delete" (deleted for everyone) or "edit" (`text` is the new text).
+    change: str | None = None
+    lid: str | None = None  # the privacy-addressed id (`<digits>@lid`) the key carried
 
     @property
     def idempotency_key(self) -> str:
+        if self.change is not None:
+            return f"{self.instance}:{self.message_id}:{self.change}:{self.timestamp}"
         return f"{self.instance}:{self.message_id}"
 
     @property

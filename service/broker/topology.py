@@ -48,6 +48,13 @@ BRIDGE_ROUTING_KEYS = (
     "MESSAGES_UPSERT",
     "SEND_MESSAGE",
     "MESSAGES_SET",
+    # Deletes and edits (RABBITMQ_EVENTS_MESSAGES_DELETE / _EDITED / _UPDATE).
+    "messages.delete",
+    "messages.edited",
+    "messages.update",
+    "MESSAGES_DELETE",
+    "MESSAGES_EDITED",
+    "MESSAGES_UPDATE",
 )
 
 

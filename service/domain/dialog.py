@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
 
 import msgspec
@@ -81,3 +83,39 @@ def _order(message: DialogMessage) -> tuple[datetime, str]:
 
 def from_unix(seconds: int | float) -> datetime:
     return datetime.fromtimestamp(seconds, tz=UTC)
+
+
+def apply_changes(dialog: Dialog, edits: Mapping[str, str], deleted: AbstractSet[str]) -> Dialog:
+    """The dialog as WhatsApp shows it after edits (id -> new text) and deletes.
+
+    Only messages present are changed: an edit never adds a message, and a deleted one
+    leaves the counts only when it was counted here.
+    """
+    if not edits and not deleted:
+        return dialog
+    kept: list[DialogMessage] = []
+    incoming, outgoing = dialog.incoming_count, dialog.outgoing_count
+    for message in dialog.messages:
+        if message.id in deleted:
+            if message.from_me:
+                outgoing = max(0, outgoing - 1)
+            else:
+                incoming = max(0, incoming - 1)
+            continue
+        text = edits.get(message.id)
+        kept.append(message if text is None else msgspec.structs.replace(message, text=text))
+    times = [m.timestamp for m in kept]
+    return Dialog(
+        instance=dialog.instance,
+        contact=dialog.contact,
+        messages=kept,
+        incoming_count=incoming,
+        outgoing_count=outgoing,
+        first_message_at=dialog.first_message_at if kept else None,
+        # A deleted newest message moves the last message back.
+        last_message_at=(
+            max(times) if len(kept) < len(dialog.messages) and times else dialog.last_message_at
+        )
+        if kept
+        else None,
+    )

@@ -29,16 +29,28 @@ def is_non_contact_chat(remote_jid: str | None) -> bool:
     return bool(remote_jid) and str(remote_jid).endswith(_NOT_CONTACT_SUFFIXES)
 
 
-def phone_jid(key: Mapping[str, Any]) -> str | None:
-    """The contact's phone JID from a message key, or None when it has none."""
+def phone_jid(key: Mapping[str, Any], owner: str | None = None) -> str | None:
+    """The contact's phone JID from a message key, or None when it has none.
+
+    `owner` is the business's own phone JID: never a contact (the reader's SQL applies
+    the same rule with NULLIF on the instance's ownerJid).
+    """
     if is_non_contact_chat(key.get("remoteJid")):
         return None
     for field in _JID_FIELDS:
         value = key.get(field)
         if isinstance(value, str) and value.endswith(PHONE_SUFFIX) and value[0] in _DIGITS:
             # A device part (`<digits>:12@…`) is dropped.
-            return value.split(":", 1)[0] + PHONE_SUFFIX if ":" in value else value
+            found = value.split(":", 1)[0] + PHONE_SUFFIX if ":" in value else value
+            return None if found == owner else found
     return None
+
+
+def owner_jid(sender: str | None) -> str | None:
+    """The business's phone JID from a webhook body's `sender` (or "Instance"."ownerJid")."""
+    if not sender or not sender.endswith(PHONE_SUFFIX) or sender[0] not in _DIGITS:
+        return None
+    return phone_digits(sender) + PHONE_SUFFIX
 
 
 def lid_jid(key: Mapping[str, Any]) -> str | None:

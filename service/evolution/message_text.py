@@ -23,6 +23,19 @@ SKIPPED_TYPES = frozenset(
     }
 )
 
+# Wrappers that hold another message inside (`<wrapper>.message`). Evolution skips only a
+# top-level protocolMessage (whatsapp.baileys.service.ts, messages.upsert): a protocol
+# message or reaction inside one of these, such as the "disappearing messages turned on"
+# notice, is stored and sent with messageType `ephemeralMessage`.
+WRAPPER_TYPES = (
+    "ephemeralMessage",
+    "viewOnceMessage",
+    "viewOnceMessageV2",
+    "viewOnceMessageV2Extension",
+)
+# Inner messages that make a wrapped message no dialog turn.
+WRAPPED_NON_TURNS = ("protocolMessage", "reactionMessage")
+
 _PLACEHOLDERS = {
     "imageMessage": "[image]",
     "videoMessage": "[video]",
@@ -102,16 +115,11 @@ def message_text(message: Any, message_type: str | None) -> str | None:
         return text
 
     # Wrappers that hold another message inside.
-    for wrapper in (
-        "ephemeralMessage",
-        "viewOnceMessage",
-        "viewOnceMessageV2",
-        "viewOnceMessageV2Extension",
-        "documentWithCaptionMessage",
-        "editedMessage",
-    ):
+    for wrapper in (*WRAPPER_TYPES, "documentWithCaptionMessage", "editedMessage"):
         inner = _get(message, wrapper, "message")
         if isinstance(inner, Mapping):
+            if wrapper in WRAPPER_TYPES and any(k in inner for k in WRAPPED_NON_TURNS):
+                return None
             inner_type = next((k for k in inner if k.endswith("Message")), None)
             found = message_text(inner, inner_type)
             if found:

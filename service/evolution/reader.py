@@ -25,6 +25,7 @@ import asyncpg
 import msgspec
 from loguru import logger
 
+from service.config import parse_database_url
 from service.domain.dialog import Contact, ContactSummary, Dialog, DialogMessage, from_unix
 from service.evolution.identity import (
     LID_SUFFIX,
@@ -35,7 +36,12 @@ from service.evolution.identity import (
     phone_jid_sql,
     phone_jid_sql_from,
 )
-from service.evolution.message_text import SKIPPED_TYPES, message_text
+from service.evolution.message_text import (
+    SKIPPED_TYPES,
+    WRAPPED_NON_TURNS,
+    WRAPPER_TYPES,
+    message_text,
+)
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -90,6 +96,19 @@ def describe_dsn(dsn: str) -> str:
     return f"{host}:{port}/{database}"
 
 
+# A "MessageUpdate" row that marks its message deleted for everyone. Evolution leaves the
+# message's row as it was and writes this status-less update (whatsapp.baileys.service.ts,
+# messages.update): status DELETED up to 2.3.6; from 2.3.7 on the absent status defaults
+# to SERVER_ACK, which a received message never gets otherwise. Evolution writes the same
+# row for an edit: the edit marks its message EDITED, which keeps that copy (an older
+# copy of the edited message then drops out). Poll votes are updates too: not deletes.
+_DELETES = (
+    'u."pollUpdates" IS NULL'
+    " AND (u.status = 'DELETED' OR (u.status = 'SERVER_ACK' AND NOT u.\"fromMe\"))"
+    " AND m.status IS DISTINCT FROM 'EDITED'"
+)
+
+
 class _Sql:
     """SQL fragments shared by the queries, for one schema."""
 
@@ -97,16 +116,35 @@ class _Sql:
         quoted = quote_ident(schema)
         self.message = f'{quoted}."Message"'
         self.instance = f'{quoted}."Instance"'
+        self.update = f'{quoted}."MessageUpdate"'
         self.phone = phone_jid_sql('m."key"')
         self.lid = lid_jid_sql('m."key"')
-        # A message that is a dialog turn: not deleted, not a reaction/protocol message.
+        self.instance_id = f"(SELECT i.id FROM {self.instance} i WHERE i.name = $1 LIMIT 1)"  # noqa: S608
+        # The business's own number: never a contact (Baileys 7 can put it in
+        # remoteJidAlt of the business's own messages in a LID chat).
+        self.owner = (
+            f"(SELECT split_part(split_part(i.\"ownerJid\", '@', 1), ':', 1) || '{PHONE_SUFFIX}'"  # noqa: S608
+            f" FROM {self.instance} i WHERE i.name = $1 LIMIT 1)"
+        )
+        # A message that is a dialog turn: not deleted, not a reaction/protocol message
+        # (also not one inside an ephemeral/view-once wrapper: `message_text` agrees).
         # $2 is always the SKIPPED_TYPES array.
         self.live = (
             'm."messageType" <> ALL($2::text[])'
             " AND (m.\"key\"->>'deleted') IS DISTINCT FROM 'true'"
             " AND m.status IS DISTINCT FROM 'DELETED'"
+            f" AND {_wrapped_non_turn_sql('m')} IS NOT TRUE"
         )
-        self.instance_id = f"(SELECT i.id FROM {self.instance} i WHERE i.name = $1 LIMIT 1)"  # noqa: S608
+
+    def not_deleted(self) -> str:
+        """No "MessageUpdate" marks message `m` deleted. Matched on "keyId": Evolution
+        always stores the WhatsApp id there (revoke, API delete and edit alike), which
+        covers every stored copy. An anti-join keeps the contacts aggregate's parallel
+        scan (a sub-plan would not)."""
+        return (
+            f'NOT EXISTS (SELECT 1 FROM {self.update} u WHERE u."keyId" = m."key"->>\'id\''  # noqa: S608
+            f' AND u."instanceId" = m."instanceId" AND {_DELETES})'
+        )
 
     def phone_is(self, param: str) -> str:
         """`phone JID = param`, as the contact index's condition plus a cheap pre-check.
@@ -123,37 +161,57 @@ class _Sql:
         return f"({maybe} AND {self.phone} = {param})"
 
 
+def _push_sql(alias: str) -> str:
+    """The push name, NULL when it only repeats the chat JID's digits (Evolution's
+    history-sync fallback, whatsapp.baileys.service.ts messaging-history.set)."""
+    return f"NULLIF({alias}.\"pushName\", split_part({alias}.\"key\"->>'remoteJid', '@', 1))"
+
+
+def _wrapped_non_turn_sql(alias: str) -> str:
+    """True for a wrapper message (ephemeral, view once) holding a protocol message or a
+    reaction; the test runs only on the (few) rows of a wrapper type."""
+    types = ", ".join(f"'{t}'" for t in WRAPPER_TYPES)
+    non_turns = ", ".join(f"'{t}'" for t in WRAPPED_NON_TURNS)
+    inner = " OR ".join(
+        f"{alias}.message->'{w}'->'message' ?| ARRAY[{non_turns}]" for w in WRAPPER_TYPES
+    )
+    return f'({alias}."messageType" IN ({types}) AND ({inner}))'
+
+
 def contacts_sql(schema: str) -> str:
     """The contacts aggregate. Parameters: $1 instance name, $2 skipped types,
     $3 min incoming, $4 since (unix seconds or NULL), $5 limit (or NULL), $6 names that
     are not names."""
     q = _Sql(schema)
     live = q.live
-    # The phone JID; a LID-only chat is grouped under its LID and mapped to a phone below.
-    who = (
-        f"COALESCE({phone_jid_sql_from('s.rj', 's.k')},"
-        f" CASE WHEN s.rj LIKE '%{LID_SUFFIX}' THEN s.rj END)"
+    lid = (
+        f"CASE WHEN s.rj LIKE '%{LID_SUFFIX}' THEN s.rj"
+        f" WHEN s.k->>'remoteJidAlt' LIKE '%{LID_SUFFIX}' THEN s.k->>'remoteJidAlt' END"
     )
+    # The phone JID (never the business's own number); a LID-only chat is grouped under
+    # its LID and mapped to a phone below.
+    who = f"COALESCE(NULLIF({phone_jid_sql_from('s.rj', 's.k')}, s.owner), {lid})"
     return f"""
-WITH msgs AS (
-    -- One row per stored WhatsApp message (a message stored twice has the same id and
-    -- timestamp), newest first within each contact.
-    SELECT DISTINCT ON (w.who, w.ts, w.kid) w.who, w.ts, w.kid, w.fm, w.push, w.lid
+WITH dedup AS (
+    -- One row per stored WhatsApp message: a message stored twice (an edit rewrites one
+    -- copy and its timestamp) counts once, as its newest copy.
+    SELECT DISTINCT ON (w.who, w.kid) w.who, w.ts, w.kid, w.fm, w.push, w.lid
     FROM (
-        SELECT {who} COLLATE "C" AS who, s.ts, s.kid, s.fm, s.push,
-            CASE WHEN s.rj LIKE '%{LID_SUFFIX}' THEN s.rj
-                 WHEN s.k->>'remoteJidAlt' LIKE '%{LID_SUFFIX}' THEN s.k->>'remoteJidAlt'
-            END AS lid
+        SELECT {who} COLLATE "C" AS who, s.ts, s.kid, s.fm, s.push, {lid} AS lid
         FROM (
             SELECT m."key" AS k, m."key"->>'remoteJid' AS rj, m."messageTimestamp" AS ts,
                 COALESCE(m."key"->>'id', m.id) COLLATE "C" AS kid,
-                COALESCE(m."key"->>'fromMe' = 'true', false) AS fm, m."pushName" AS push
-            FROM {q.message} m
-            WHERE m."instanceId" = {q.instance_id} AND {live}
+                COALESCE(m."key"->>'fromMe' = 'true', false) AS fm, {_push_sql("m")} AS push,
+                o.owner
+            FROM {q.message} m, (SELECT {q.owner} AS owner) o
+            WHERE m."instanceId" = {q.instance_id} AND {live} AND {q.not_deleted()}
         ) s
     ) w
     WHERE w.who IS NOT NULL
-    ORDER BY w.who, w.ts DESC, w.kid DESC
+    ORDER BY w.who, w.kid, w.ts DESC
+), msgs AS (
+    -- Newest first within each contact.
+    SELECT * FROM dedup ORDER BY who, ts DESC, kid DESC
 ), per_jid AS (
     -- Input is newest first within each contact, so an array's first element is the
     -- newest value (cheaper than a window or a sort per group).
@@ -199,15 +257,17 @@ def dialog_sql(schema: str) -> str:
     live = q.live
     return f"""
 WITH inst AS MATERIALIZED (
-    SELECT {q.instance_id} AS id
+    SELECT {q.instance_id} AS id, {q.owner} AS owner
 ), lids AS (
     SELECT DISTINCT {q.lid} AS lid
     FROM {q.message} m
     WHERE m."instanceId" = (SELECT id FROM inst) AND {q.phone_is("$3")} AND {q.lid} IS NOT NULL
 ), hits AS (
-    SELECT m.id, m."key", m."messageTimestamp", m."messageType", m."pushName"
+    SELECT m.id, m."key", m."messageTimestamp", m."messageType", {_push_sql("m")} AS "pushName",
+        m.status
     FROM {q.message} m
     WHERE m."instanceId" = (SELECT id FROM inst) AND {live}
+        AND $3 IS DISTINCT FROM (SELECT owner FROM inst)
         AND ({q.phone_is("$3")}
             -- LID-only messages. `= ANY(ARRAY(...))` makes the LIDs an index condition
             -- on the LID index; COALESCE keeps the planner from answering "no phone"
@@ -215,7 +275,13 @@ WITH inst AS MATERIALIZED (
             -- A message without any phone has its LID in remoteJid (cheap pre-check).
             OR (m."key"->>'remoteJid' LIKE '%{LID_SUFFIX}' AND {q.lid} IS NOT NULL
                 AND {q.lid} = ANY (ARRAY(SELECT lid FROM lids))
-                AND COALESCE({q.phone}, '') = ''))
+                AND COALESCE(NULLIF({q.phone}, (SELECT owner FROM inst)), '') = ''))
+), dead AS (
+    -- Messages deleted for everyone (every stored copy of them), found through the
+    -- "MessageUpdate" index on "messageId".
+    SELECT DISTINCT COALESCE(m."key"->>'id', m.id) COLLATE "C" AS kid
+    FROM hits m JOIN {q.update} u ON u."messageId" = m.id
+    WHERE {_DELETES}
 ), dedup AS (
     -- One row per WhatsApp message id (a message can be stored twice).
     SELECT DISTINCT ON (kid) h.id, kid, fm, h."messageTimestamp" AS ts,
@@ -223,6 +289,7 @@ WITH inst AS MATERIALIZED (
     FROM hits h,
         LATERAL (SELECT COALESCE(h."key"->>'id', h.id) COLLATE "C" AS kid,
                         COALESCE(h."key"->>'fromMe' = 'true', false) AS fm) k
+    WHERE NOT EXISTS (SELECT 1 FROM dead d WHERE d.kid = k.kid)
     ORDER BY kid, h."messageTimestamp" DESC, h.id
 ), stats AS (
     SELECT count(*) FILTER (WHERE NOT fm)::int AS incoming,
@@ -242,15 +309,46 @@ ORDER BY n.ts, n.kid
 """  # noqa: S608 - identifiers are validated (quote_ident), values are parameters
 
 
+def lid_phone_sql(schema: str) -> str:
+    """A LID's phone JID. Parameters: $1 instance name, $2 LID JID."""
+    q = _Sql(schema)
+    return f"""
+SELECT p.phone FROM (
+    SELECT {q.phone} AS phone
+    FROM {q.message} m
+    WHERE m."instanceId" = {q.instance_id} AND {q.lid} = $2
+) p
+WHERE p.phone IS NOT NULL AND p.phone IS DISTINCT FROM {q.owner}
+LIMIT 1
+"""  # noqa: S608 - identifiers are validated (quote_ident), values are parameters
+
+
+def message_contact_sql(schema: str) -> str:
+    """Phone JID (or LID) of the chat of a message. Parameters: $1 instance, $2 key id."""
+    q = _Sql(schema)
+    return f"""
+SELECT NULLIF({q.phone}, {q.owner}) AS phone, {q.lid} AS lid
+FROM {q.message} m
+WHERE m."instanceId" = {q.instance_id} AND m."key"->>'id' = $2
+ORDER BY (NULLIF({q.phone}, {q.owner}) IS NULL), m."messageTimestamp" DESC
+LIMIT 1
+"""  # noqa: S608 - identifiers are validated (quote_ident), values are parameters
+
+
 class EvolutionReader:
     """Read-only queries on Evolution's database; one asyncpg pool."""
 
-    def __init__(self, pool: asyncpg.Pool[Any], schema: str, where: str) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool[Any], schema: str, where: str, *, pooler: bool = False
+    ) -> None:
         self._pool = pool
+        self.pooler = pooler
         self.schema = schema
         self._where = where
         self._contacts_sql = contacts_sql(schema)
         self._dialog_sql = dialog_sql(schema)
+        self._lid_sql = lid_phone_sql(schema)
+        self._message_contact_sql = message_contact_sql(schema)
         self._skipped = sorted(SKIPPED_TYPES)
         self._not_names = list(_NOT_A_NAME)
 
@@ -260,39 +358,45 @@ class EvolutionReader:
         dsn: str,
         schema: str = "auto",
         *,
+        pooler: bool = False,
         min_size: int = 1,
         max_size: int = 10,
         connect_timeout: float = 10.0,
         command_timeout: float | None = 300.0,
     ) -> EvolutionReader:
-        """Open the pool and resolve `schema` ("auto": `evolution_api` when it holds
-        "Message", else `public`). Raises EvolutionUnavailableError when unreachable."""
+        """Open the pool and resolve `schema` ("auto": the URL's `?schema=`, else
+        `evolution_api` when it holds "Message", else `public`). Raises
+        EvolutionUnavailableError when unreachable.
+
+        `dsn` may be Evolution's own DATABASE_CONNECTION_URI (`?schema=…`, Prisma's
+        `pgbouncer=true`). Through a transaction pooler (`pooler`, `pgbouncer=true`, or
+        detected when the pooler refuses the startup settings) no statement is cached
+        and every read runs in its own read-only transaction.
+        """
+        url = parse_database_url(dsn)
+        dsn, pooler = url.dsn, pooler or url.pooler
+        if schema == "auto" and url.schema is not None:
+            schema = url.schema
         if schema != "auto":
             quote_ident(schema)  # validates
         where = describe_dsn(dsn)
+        options: dict[str, Any] = {
+            "min_size": min_size,
+            "max_size": max_size,
+            "timeout": connect_timeout,
+            "command_timeout": command_timeout,
+            "init": _init_connection,
+        }
         try:
-            pool = await asyncpg.create_pool(
-                dsn,
-                min_size=min_size,
-                max_size=max_size,
-                timeout=connect_timeout,
-                command_timeout=command_timeout,
-                init=_init_connection,
-                server_settings={
-                    "application_name": "crm-backend",
-                    "default_transaction_read_only": "on",
-                    # JIT compilation costs seconds on the contacts aggregate and saves
-                    # nothing on these short expressions.
-                    "jit": "off",
-                    # Planning the dialog query (long identity expressions matched against
-                    # the expression indexes) costs more than running it: plan once per
-                    # connection.
-                    "plan_cache_mode": "force_generic_plan",
-                    # Parallel workers cost ~20 ms to start, ten times a dialog read; only
-                    # the contacts aggregate turns them on.
-                    "max_parallel_workers_per_gather": "0",
-                },
-            )
+            try:
+                pool = await _create_pool(dsn, options, pooler=pooler)
+            except asyncpg.PostgresError as exc:
+                if pooler or "startup parameter" not in str(exc):
+                    raise
+                # PgBouncer and its kind accept no server settings at start-up.
+                logger.info("evolution database is behind a pooler", where=where)
+                pooler = True
+                pool = await _create_pool(dsn, options, pooler=True)
         except _CONNECT_ERRORS as exc:
             raise EvolutionUnavailableError(
                 f"cannot reach Evolution database at {where}: {_reason(exc)}"
@@ -305,7 +409,7 @@ class EvolutionReader:
                 f"cannot reach Evolution database at {where}: {_reason(exc)}"
             ) from None
         logger.info("evolution database connected", where=where, schema=resolved)
-        return cls(pool, resolved, where)
+        return cls(pool, resolved, where, pooler=pooler)
 
     async def close(self) -> None:
         await self._pool.close()
@@ -355,6 +459,15 @@ class EvolutionReader:
         server after the transaction ends, so no snapshot stays open on Evolution's busy
         database while the caller works through the contacts page by page.
         """
+        if self.pooler:
+            # A transaction pooler may hand the next statement to another server
+            # connection, where a held cursor does not exist: read the aggregate at once
+            # (a few hundred bytes per contact).
+            for summary in await self.contacts(
+                instance, min_incoming=min_incoming, limit=limit, since=since
+            ):
+                yield summary
+            return
         args = self._contact_args(instance, min_incoming, limit, since)
         # One stream per pooled connection at a time, so a fixed name is unique; the pool's
         # reset (CLOSE ALL) also drops a cursor left by a broken-off stream.
@@ -384,7 +497,8 @@ class EvolutionReader:
     async def _prepare_aggregate(conn: PoolConnectionProxy[Any]) -> None:
         await conn.execute(
             f"SET LOCAL work_mem = '{_AGGREGATE_WORK_MEM}';"
-            f" SET LOCAL max_parallel_workers_per_gather = {_AGGREGATE_WORKERS}"
+            f" SET LOCAL max_parallel_workers_per_gather = {_AGGREGATE_WORKERS};"
+            " SET LOCAL jit = off"
         )
 
     def _contact_args(
@@ -407,8 +521,8 @@ class EvolutionReader:
             return None
         jid = digits + PHONE_SUFFIX
         try:
-            rows = await self._pool.fetch(
-                self._dialog_sql, instance, self._skipped, jid, limit, self._not_names
+            rows = await self._read(
+                "fetch", self._dialog_sql, instance, self._skipped, jid, limit, self._not_names
             )
         except _CONNECTION_ERRORS as exc:
             raise self._unavailable(exc) from None
@@ -441,10 +555,41 @@ class EvolutionReader:
             last_message_at=from_unix(head["last_ts"]),
         )
 
+    # -- identity -----------------------------------------------------------------------
+    async def phone_for_lid(self, instance: str, lid: str) -> str | None:
+        """The phone JID seen with this LID in the instance's stored messages (never the
+        business's own number), or None when no message paired them yet."""
+        return await self._fetchval(self._lid_sql, instance, lid)  # type: ignore[no-any-return]
+
+    async def contact_of_message(self, instance: str, message_id: str) -> str | None:
+        """The contact's phone JID of a stored message, found by its WhatsApp id (as
+        Evolution itself finds the message an update refers to); None when unknown."""
+        row = await self._fetchrow(self._message_contact_sql, instance, message_id)
+        if row is None:
+            return None
+        if row["phone"] is not None:
+            return str(row["phone"])
+        return None if row["lid"] is None else await self.phone_for_lid(instance, row["lid"])
+
     # -- helpers ----------------------------------------------------------------------
+    async def _read(self, method: str, sql: str, *args: Any) -> Any:
+        """One read. Through a pooler: in a read-only transaction (the session settings
+        of a direct connection cannot be set there), else on the pool directly."""
+        if not self.pooler:
+            return await getattr(self._pool, method)(sql, *args)
+        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+            await conn.execute(_POOLED_SETTINGS)
+            return await getattr(conn, method)(sql, *args)
+
+    async def _fetchrow(self, sql: str, *args: Any) -> Any:
+        try:
+            return await self._read("fetchrow", sql, *args)
+        except _CONNECTION_ERRORS as exc:
+            raise self._unavailable(exc) from None
+
     async def _fetchval(self, sql: str, *args: Any) -> Any:
         try:
-            return await self._pool.fetchval(sql, *args)
+            return await self._read("fetchval", sql, *args)
         except _CONNECTION_ERRORS as exc:
             raise self._unavailable(exc) from None
 
@@ -452,6 +597,39 @@ class EvolutionReader:
         return EvolutionUnavailableError(
             f"cannot reach Evolution database at {self._where}: {_reason(exc)}"
         )
+
+
+# Server settings of the reader's connections. Direct: sent at start-up. Through a
+# transaction pooler (which refuses them at start-up and shares server connections):
+# set per transaction instead.
+_SESSION_SETTINGS = {
+    "default_transaction_read_only": "on",
+    # JIT compilation costs seconds on the contacts aggregate and saves nothing on these
+    # short expressions.
+    "jit": "off",
+    # Planning the dialog query (long identity expressions matched against the expression
+    # indexes) costs more than running it: plan once per connection.
+    "plan_cache_mode": "force_generic_plan",
+    # Parallel workers cost ~20 ms to start, ten times a dialog read; only the contacts
+    # aggregate turns them on.
+    "max_parallel_workers_per_gather": "0",
+}
+_POOLED_SETTINGS = "SET LOCAL jit = off; SET LOCAL max_parallel_workers_per_gather = 0"
+
+
+async def _create_pool(dsn: str, options: dict[str, Any], *, pooler: bool) -> asyncpg.Pool[Any]:
+    if pooler:
+        # No prepared-statement cache: a transaction pooler hands each transaction to
+        # any server connection, where a cached statement does not exist.
+        return await asyncpg.create_pool(
+            dsn,
+            statement_cache_size=0,
+            server_settings={"application_name": "crm-backend"},
+            **options,
+        )
+    return await asyncpg.create_pool(
+        dsn, server_settings={"application_name": "crm-backend", **_SESSION_SETTINGS}, **options
+    )
 
 
 async def _init_connection(conn: asyncpg.Connection[Any]) -> None:

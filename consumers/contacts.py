@@ -250,7 +250,9 @@ class ContactConsumer:
 
     async def _subscribe(self, shard: int) -> None:
         assert self._channel is not None
-        queue = await self._channel.get_queue(self._topology.shard_queue(shard), ensure=False)
+        # ensure=True (a passive declare): aio-pika restores after a reconnect only the
+        # consumers of queues its robust channel declared (robust_channel.py, `_queues`).
+        queue = await self._channel.get_queue(self._topology.shard_queue(shard), ensure=True)
         tag = await queue.consume(self._on_message, no_ack=False)
         self._subscribed[shard] = (queue, tag)
         self._tags[tag] = shard

@@ -71,13 +71,10 @@ class _Process:
 
 
 def _env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    for name, value in msgspec.structs.asdict(settings).items():
-        if value is None or value == "":
-            env.pop(name.upper(), None)
-        else:
-            env[name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
-    env["LOG_LEVEL"] = "INFO"
+    from tests.harness import settings_env
+
+    env = settings_env(settings)
+    env["LOG_LEVEL"] = "INFO"  # each process reports its share of the shards
     env["LOG_FORMAT"] = "json"
     return env
 

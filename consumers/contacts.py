@@ -31,7 +31,7 @@ from loguru import logger
 
 from consumers.membership import Membership
 from service.broker.assignment import assign
-from service.broker.confirm import BrokerUnavailableError, publish_confirmed
+from service.broker.confirm import BrokerUnavailableError, NackedError, publish_confirmed
 from service.broker.connection import connect_cluster
 from service.broker.envelope import (
     H_ATTEMPT,
@@ -129,6 +129,7 @@ class ContactConsumer:
         )
         self._rebalancer: asyncio.Task[None] | None = None
         self._notifier = Notifier(self._publish, self._topology)
+        self._renewed_at = -1.0
         self._stopping = False
         self._resolver = ContactResolver(ctx.reader)
         self.analyses_started = 0  # for tests and metrics: pipeline runs begun
@@ -603,10 +604,32 @@ class ContactConsumer:
                 await publish_confirmed(
                     self._publish_channel, exchange_name, routing_key, body, headers
                 )
+        except NackedError:
+            await self._renew_publish_channel()
+            raise
         except TimeoutError:
             raise BrokerUnavailableError(
                 f"RabbitMQ did not confirm within {_PUBLISH_TIMEOUT:g}s"
             ) from None
+
+    async def _renew_publish_channel(self) -> None:
+        """A new channel after a nack: the broker's state for the old one may refuse every
+        later publish (see confirm.NackedError)."""
+        now = time.monotonic()
+        if self._connection is None or now < self._renewed_at + 1.0:
+            return
+        self._renewed_at = now
+        old = self._publish_channel
+        try:
+            self._publish_channel = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+        except Exception as exc:
+            logger.debug("could not open a new channel: {}", exc)
+            return
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.close()
 
     async def publish_hot(self, lead: HotLead) -> None:
         """`lead.hot`, at least once: raises when it cannot be stored (the analysis then

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from service.domain.facts import empty_facts
 from tests.cluster import CLUSTER_URL, NODES, Cluster
 from tests.fakes.openai_server import FakeOpenAI, FakeReply, RecordedRequest
 from tests.harness import message_body, running_service, settings_env
+from tests.test_consumer_processes import stop_process as stop
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
@@ -55,16 +55,6 @@ def start_consumer(settings: Settings) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-
-
-def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def hot_facts() -> dict[str, Any]:
@@ -136,6 +126,7 @@ async def test_node_killed_under_load_loses_nothing(
             async with running_service(settings, consume=False) as svc:
                 victim = cluster.busiest_node(settings.amqp_prefix)
                 leaders = cluster.leaders(settings.amqp_prefix)
+                await _put_intake_on(svc, 5680 + victim)
                 started = time.monotonic()
                 for n in range(3 * len(phones)):
                     phone = phones[n % len(phones)]
@@ -189,6 +180,22 @@ async def test_node_killed_under_load_loses_nothing(
     for phone in phones:
         row = rows[phone]
         assert (row is not None and row.incoming_count == 3) or contact_hash(phone) in dead
+
+
+async def _put_intake_on(svc: Any, port: int) -> None:
+    """Make intake's publisher use the node about to be killed (it picks a node at random),
+    so the kill really takes its connection away."""
+    assert await svc.send(message_body("77035999999", "привет", msg_id="3EB0CLUSTERWARM")) == 200
+    connection = svc.ctx.publisher._connection
+    for _ in range(10):
+        if connection.url.port == port:
+            return
+        connection._next = [u.port for u in connection._nodes].index(port)
+        await connection.transport.connection.close()
+        deadline = time.monotonic() + 10
+        while not connection.connected.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"intake not on port {port}")
 
 
 def _split(cluster: Cluster, prefix: str, pids: list[int]) -> list[int]:

@@ -31,7 +31,7 @@ from service.broker.topology import H_LEGACY_RETRY_TIER, Topology
 from service.broker.urls import node_urls
 from service.config import ConfigError, Settings, load_settings
 from tests.harness import delete_topology, message_body, queue_depth, running_service
-from tests.test_consumer import CountingAnalyzer, FailingAnalyzer
+from tests.test_consumer import HOT_DIALOG, CountingAnalyzer, FailingAnalyzer
 from tests.test_publisher import TcpProxy, closed_port, make_event, take_all
 
 ROOT = Path(__file__).parent.parent
@@ -214,18 +214,9 @@ async def test_lead_hot_is_not_lost_while_unroutable(settings: Settings) -> None
     topology = Topology(settings)
     phone = "77014000003"
     t0 = int(time.time()) - 7200
-    dialog = [
-        (False, "Здравствуйте, у меня стоматологическая клиника"),
-        (True, "Вы владелец?"),
-        (False, "Да, я владелец клиники"),
-        (True, "Какой бюджет на рекламу?"),
-        (False, "Около 500 тыс тенге в месяц"),
-        (True, "Записал вас на консультацию завтра в 15:00"),
-        (False, "Да, договорились, завтра в 15:00"),
-    ]
     async with running_service(settings, analyzer=CountingAnalyzer()) as svc:
         svc.consumer._notifier._patience = 1.0
-        for i, (from_me, text) in enumerate(dialog):
+        for i, (from_me, text) in enumerate(HOT_DIALOG):
             await svc.send(message_body(phone, text, from_me=from_me, ts=t0 + i * 60))
             if i == 0:  # intake has declared the topology by now: nothing re-creates it
                 await _delete_queues(settings, topology.notification_queue)

@@ -23,6 +23,12 @@ class BrokerUnavailableError(Exception):
     """The broker did not take the message: down, nacked, unroutable or too slow."""
 
 
+class NackedError(BrokerUnavailableError):
+    """Refused by the broker (Basic.Nack). RabbitMQ 3.10's quorum queue client, kept per
+    channel, can keep refusing after a leader moved (rabbit_fifo_client.erl, `enqueue`
+    on a node that went down): callers then open a new channel."""
+
+
 class UnroutableError(BrokerUnavailableError):
     """Returned by the broker: no queue is bound for the routing key (Basic.Return)."""
 
@@ -61,7 +67,7 @@ async def publish_confirmed(
             f"is the topology declared? ({exc})"
         ) from None
     except DeliveryError as exc:
-        raise BrokerUnavailableError(f"RabbitMQ refused the message (nack): {exc}") from None
+        raise NackedError(f"RabbitMQ refused the message (nack): {exc}") from None
     except BrokerUnavailableError:
         raise
     except Exception as exc:

@@ -29,7 +29,7 @@ import msgspec
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from loguru import logger
 
-from service.broker.confirm import BrokerUnavailableError, publish_confirmed
+from service.broker.confirm import BrokerUnavailableError, NackedError, publish_confirmed
 from service.broker.connection import MultiNodeConnection, connect_cluster
 from service.broker.envelope import (
     H_ATTEMPT,
@@ -110,6 +110,8 @@ class EventPublisher:
         self._channel: AbstractRobustChannel | None = None
         self._connecting: asyncio.Task[AbstractRobustChannel] | None = None
         self._retry_at = 0.0
+        self._renewing: asyncio.Task[None] | None = None
+        self._renewed_at = -1.0
         self._last_error = "RabbitMQ not connected yet"
         self._healthy = True
         self._waiting: deque[_Request] = deque()
@@ -342,6 +344,8 @@ class EventPublisher:
             )
         except BrokerUnavailableError as exc:
             self._note_failure(str(exc))
+            if isinstance(exc, NackedError):
+                self._renew_channel()
             raise
         finally:
             if message_id is not None:
@@ -349,6 +353,32 @@ class EventPublisher:
         if not self._healthy:
             self._healthy = True
             logger.info("RabbitMQ publishing recovered")
+
+    def _renew_channel(self) -> None:
+        """Replace the channel after a nack (at most once a second): the broker's state
+        for it may refuse every later publish (see confirm.NackedError)."""
+        loop = asyncio.get_running_loop()
+        if self._renewing is not None or loop.time() < self._renewed_at + 1.0:
+            return
+        self._renewed_at = loop.time()
+        self._renewing = asyncio.create_task(self._renew(), context=contextvars.Context())
+
+    async def _renew(self) -> None:
+        try:
+            old, connection = self._channel, self._connection
+            if connection is None or self._closed:
+                return
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            assert isinstance(channel, AbstractRobustChannel)
+            self._channel = channel
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await old.close()
+            logger.info("RabbitMQ refused publishes: publishing on a new channel")
+        except Exception as exc:
+            logger.debug("could not open a new channel: {}", exc)
+        finally:
+            self._renewing = None
 
     def _timed_out(self) -> BrokerUnavailableError:
         self._note_failure(f"no confirm within {self._timeout:g}s")

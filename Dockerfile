@@ -12,16 +12,13 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY handlers ./handlers
 COPY consumers ./consumers
-COPY migrations ./migrations
-RUN pip install --no-compile . \
- && mkdir -p /opt/venv/share/crm-backend \
- && cp -r migrations /opt/venv/share/crm-backend/
+# SQL, demo dialogs and the Evolution schema are package data: installed with the package.
+RUN pip install --no-compile .
 
 FROM python:3.11-slim AS runtime
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    CRM_MIGRATIONS_DIR=/opt/venv/share/crm-backend/migrations \
     PORT=8084
 RUN useradd --system --uid 10001 --home-dir /app --create-home crm
 COPY --from=build /opt/venv /opt/venv

@@ -16,6 +16,7 @@ from handlers.app import context
 from handlers.errors import json_response
 from service.context import AppContext
 from service.rest_models import Endpoint, ReadyResponse
+from service.stores.base import StoreAccessError
 
 CHECK_TIMEOUT = 3.0
 
@@ -53,6 +54,8 @@ async def _run(name: str, check: Callable[[AppContext], Awaitable[str]], ctx: Ap
             return await check(ctx)
     except TimeoutError:
         result = f"down: no answer within {CHECK_TIMEOUT:.0f}s"
+    except StoreAccessError as exc:
+        result = f"down: {exc}"  # what to fix (the key, the grants); names no host
     except Exception as exc:
         # Details (which may name hosts) go to the log; the probe says what kind of failure.
         logger.warning("readiness check {} failed: {}: {}", name, type(exc).__name__, exc)

@@ -11,6 +11,7 @@ def explain(exc: BaseException) -> str | None:
     from service.broker.publisher import BrokerUnavailableError
     from service.broker.topology import TopologyError
     from service.evolution.reader import EvolutionUnavailableError
+    from service.migrations import MigrationConnectionError, PackageDataError
     from service.stores.base import (
         DuplicateLeadError,
         InstanceOwnedError,
@@ -25,6 +26,8 @@ def explain(exc: BaseException) -> str | None:
         EvolutionUnavailableError,
         BrokerUnavailableError,
         TopologyError,
+        PackageDataError,
+        MigrationConnectionError,
     )
     if isinstance(exc, explained):
         return str(exc)
@@ -34,6 +37,8 @@ def explain(exc: BaseException) -> str | None:
     if module.startswith(("aiormq", "aio_pika", "pamqp")):
         reason = exc or "connection failed"
         return f"RabbitMQ error ({type(exc).__name__}): {reason} — is AMQP_URL right?"
+    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError):
+        return f"cannot read a file: {exc}"  # not a network failure: no "cannot connect"
     if isinstance(exc, ConnectionRefusedError | socket.gaierror | TimeoutError | OSError):
         return f"cannot connect: {exc}"
     return None

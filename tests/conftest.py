@@ -79,13 +79,22 @@ async def evolution_dsn() -> AsyncIterator[str]:
 
 @pytest.fixture
 async def results_dsn() -> AsyncIterator[str]:
-    """DSN of a new database with this service's migrations applied."""
-    from service.migrations import apply_migrations
+    """A new Supabase-like database (tests/supabase_db.py) with this service's migrations
+    applied by its non-superuser owner; the owner's DSN (what the SQL editor runs as)."""
+    from tests.supabase_db import migrated_database
 
-    name = await create_database("crmt_res")
+    async with migrated_database() as dsn:
+        yield dsn
+
+
+@pytest.fixture
+async def supabase_empty_db() -> AsyncIterator[str]:
+    """Owner DSN of a new Supabase-like database holding nothing yet."""
+    from tests.supabase_db import create_supabase_database, owner_dsn
+
+    name = await create_supabase_database()
     try:
-        await apply_migrations(pg_dsn(name))
-        yield pg_dsn(name)
+        yield owner_dsn(name)
     finally:
         await drop_database(name)
 

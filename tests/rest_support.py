@@ -26,11 +26,11 @@ from handlers.app import make_app
 from service.config import Settings, load_settings
 from service.context import AppContext
 from service.stores.base import ResultsStore
+from tests.fakes.postgrest_server import SERVICE_KEY
 
 API_TOKEN = "rest-test-token"
 INSTANCE = "clinic-sales"
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
-SERVICE_KEY = "rest-test-service-key"
 BASE_TIME = datetime(2026, 9, 1, 12, 0, tzinfo=UTC)
 
 _json = msgspec.json.Encoder()
@@ -189,7 +189,7 @@ async def open_store(kind: str, results_dsn: str) -> AsyncIterator[ResultsStore]
     from service.stores.supabase import SupabaseStore
     from tests.fakes.postgrest_server import running_postgrest
 
-    async with running_postgrest(results_dsn, SERVICE_KEY) as server:
+    async with running_postgrest(results_dsn) as server:
         store = await SupabaseStore.open(server.url, SERVICE_KEY)
         try:
             yield store

@@ -163,3 +163,20 @@ def test_evolution_database_down(workdir: Path) -> None:
         )
     )
     assert "Evolution" in line and "5999" in line
+
+
+def test_migrate_through_the_transaction_pooler_is_refused(workdir: Path) -> None:
+    line = one_error_line(
+        cli("migrate", cwd=workdir, RESULTS_DATABASE_URL="postgresql://u@127.0.0.1:6543/postgres")
+    )
+    assert "session pooler (port 5432)" in line and "transaction pooler" in line
+
+
+def test_a_missing_file_is_not_called_a_connection_failure() -> None:
+    from service.errors import explain
+    from service.migrations import PackageDataError
+
+    line = explain(FileNotFoundError(2, "No such file or directory", "/x/0001.sql"))
+    assert line is not None and "cannot connect" not in line and "/x/0001.sql" in line
+    assert explain(PackageDataError("no SQL migrations")) == "no SQL migrations"
+    assert explain(ConnectionRefusedError(111, "refused")) == "cannot connect: [Errno 111] refused"

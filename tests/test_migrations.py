@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import shutil
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
-from service.migrations import apply_migrations, load_migrations, migration_sql, migrations_dir
+from service.migrations import apply_migrations, load_migrations, migration_sql
 from service.stores.base import AnalysisWrite, LeadQuery
 from service.stores.postgres import PostgresStore
-from tests.conftest import DATA
+from tests.supabase_db import execute, fetch, load_original
 
 VERSIONS = [m.version for m in load_migrations()]
 NEW_COLUMNS = {
@@ -67,22 +64,6 @@ async def schema_snapshot(dsn: str) -> dict[str, Any]:
         "indexes": [tuple(r) for r in indexes],
         "functions": [tuple(r) for r in functions],
     }
-
-
-async def fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetch(sql, *args)
-    finally:
-        await conn.close()
-
-
-async def execute(dsn: str, sql: str, *args: Any) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(sql, *args)
-    finally:
-        await conn.close()
 
 
 async def test_fresh_database_gets_every_table_column_and_function(empty_db: str) -> None:
@@ -150,50 +131,6 @@ async def test_reapplying_changes_nothing(empty_db: str) -> None:
 async def test_processes_starting_together_apply_each_migration_once(empty_db: str) -> None:
     results = await asyncio.gather(*(apply_migrations(empty_db) for _ in range(3)))
     assert sorted(v for r in results for v in r) == sorted(VERSIONS)
-
-
-async def load_original(dsn: str, account: uuid.UUID) -> None:
-    """The original's tables with rows as its service wrote them."""
-    await execute(dsn, (DATA / "original_tables.sql").read_text())
-    await execute(
-        dsn,
-        "INSERT INTO whatsapp_instances (user_account_id, instance_name, instance_id, status) "
-        "VALUES ($1, 'clinic-main', 'evo-1', 'connected')",
-        account,
-    )
-    rows = [
-        # analysed by the original's model
-        ("77011111111", "Dana", "hot", 85, "consultation_booked", True, "Зубная клиника"),
-        ("77012222222", "Erlan", "warm", 45, "qualified", False, None),
-        # under the threshold: stored as new_lead without a model call
-        ("77013333333", None, "cold", 5, "new_lead", False, None),
-        # from before the original tracked the funnel stage
-        ("77014444444", "Old", "cold", 20, None, None, "кафе"),
-    ]
-    for phone, name, interest, score, stage, qualified, business in rows:
-        await execute(
-            dsn,
-            "INSERT INTO dialog_analysis (instance_name, user_account_id, contact_phone, "
-            "contact_name, incoming_count, outgoing_count, first_message, last_message, "
-            "business_type, interest_level, score, funnel_stage, qualification_complete, "
-            "next_message, reasoning, messages, notes, main_intent, action) "
-            "VALUES ('clinic-main', $1, $2, $3, 4, 3, $4, $5, $6, $7, $8, $9, $10, $11, $12, "
-            "$13::jsonb, $14, 'clinic_lead', 'want_call')",
-            account,
-            phone,
-            name,
-            datetime(2024, 5, 1, tzinfo=UTC),
-            datetime(2024, 5, 2, tzinfo=UTC),
-            business,
-            interest,
-            score,
-            stage,
-            qualified,
-            "Перезвонить",
-            "because",
-            json.dumps([{"from": "client", "text": "Здравствуйте"}]),
-            "VIP" if score > 80 else None,
-        )
 
 
 ORIGINAL_COLUMNS_SQL = (
@@ -354,30 +291,109 @@ async def test_upgrade_of_an_early_original_table_keeps_rows_that_break_new_chec
 
 
 async def test_printed_sql_runs_twice_like_the_supabase_sql_editor(
-    empty_db: str, account: uuid.UUID
+    supabase_empty_db: str, account: uuid.UUID
 ) -> None:
+    db = supabase_empty_db  # as Supabase's SQL editor: the non-superuser owner `postgres`
+    assert (await fetch(db, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"))[0][
+        0
+    ] is False
     script = migration_sql()
     for version in VERSIONS:
         assert f"-- ==== {version} ====" in script
-    await load_original(empty_db, account)
-    before = [r["row"] for r in await fetch(empty_db, ORIGINAL_COLUMNS_SQL)]
+    assert "CONCURRENTLY" not in script  # it runs inside the editor's one transaction
+    await load_original(db, account)
+    before = [r["row"] for r in await fetch(db, ORIGINAL_COLUMNS_SQL)]
     # One simple-protocol query holding the whole text, as the SQL editor sends it.
-    await execute(empty_db, script)
-    snapshot = await schema_snapshot(empty_db)
-    await execute(empty_db, script)
-    assert await schema_snapshot(empty_db) == snapshot
-    assert [r["row"] for r in await fetch(empty_db, ORIGINAL_COLUMNS_SQL)] == before
+    await execute(db, script)
+    snapshot = await schema_snapshot(db)
+    await execute(db, script)
+    assert await schema_snapshot(db) == snapshot
+    assert [r["row"] for r in await fetch(db, ORIGINAL_COLUMNS_SQL)] == before
+    analyzers = await fetch(db, "SELECT analyzer FROM dialog_analysis ORDER BY contact_phone")
+    assert [r["analyzer"] for r in analyzers] == ["original", "original", None, "original"]
     # Versions were recorded: `crm-backend migrate` afterwards has nothing to do.
-    assert await apply_migrations(empty_db) == []
+    assert await apply_migrations(db) == []
 
 
-async def test_migrations_directory_can_be_configured(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_migrate_rebuilds_an_index_an_interrupted_concurrent_build_left_invalid(
+    empty_db: str, account: uuid.UUID
 ) -> None:
-    shutil.copy(migrations_dir() / f"{VERSIONS[0]}.sql", tmp_path)
-    monkeypatch.setenv("CRM_MIGRATIONS_DIR", str(tmp_path))
-    assert migrations_dir() == tmp_path
-    assert [m.version for m in load_migrations()] == VERSIONS[:1]
-    (tmp_path / "later.sql").write_text("SELECT 1;")
-    with pytest.raises(ValueError, match=r"later\.sql"):
-        load_migrations()
+    await load_original(empty_db, account)
+    # A failed CREATE INDEX CONCURRENTLY leaves an INVALID index behind, under the name
+    # migrate uses: IF NOT EXISTS alone would keep it for ever.
+    conn = await asyncpg.connect(empty_db)
+    try:
+        await conn.execute("ALTER TABLE dialog_analysis ADD COLUMN IF NOT EXISTS funnel_stage text")
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await conn.execute(
+                "CREATE UNIQUE INDEX CONCURRENTLY idx_dialog_analysis_account_stage "
+                "ON dialog_analysis (user_account_id)"
+            )
+    finally:
+        await conn.close()
+    invalid = (
+        "SELECT indisvalid, pg_get_indexdef(indexrelid) AS def FROM pg_index "
+        "WHERE indexrelid = 'idx_dialog_analysis_account_stage'::regclass"
+    )
+    assert (await fetch(empty_db, invalid))[0]["indisvalid"] is False
+
+    assert await apply_migrations(empty_db) == VERSIONS
+    rebuilt = (await fetch(empty_db, invalid))[0]
+    assert rebuilt["indisvalid"] is True
+    assert "UNIQUE" not in rebuilt["def"] and "funnel_stage" in rebuilt["def"]
+
+
+async def test_writers_pass_while_migrate_waits_for_a_table_lock(
+    supabase_empty_db: str, account: uuid.UUID, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.migrations
+
+    monkeypatch.setattr(service.migrations, "LOCK_TIMEOUT", "100ms")
+    db = supabase_empty_db
+    await load_original(db, account)
+    blocker = await asyncpg.connect(db)  # a long report reading the table
+    writer = await asyncpg.connect(db)
+    try:
+        await blocker.execute("BEGIN; LOCK TABLE dialog_analysis IN ACCESS SHARE MODE")
+        migrating = asyncio.create_task(apply_migrations(db))
+        await asyncio.sleep(0.5)  # migrate is now waiting for its ALTER TABLE lock
+        # Without lock_timeout this insert would queue behind the ALTER TABLE's lock
+        # request until the report ends.
+        await asyncio.wait_for(
+            writer.execute(
+                "INSERT INTO dialog_analysis (instance_name, user_account_id, contact_phone, "
+                "next_message) VALUES ('live', $1, '77019990000', '')",
+                account,
+            ),
+            timeout=5,
+        )
+        assert not migrating.done()  # the writer got in while migrate was still waiting
+        await blocker.execute("COMMIT")
+        assert await asyncio.wait_for(migrating, timeout=60) == VERSIONS
+    finally:
+        await blocker.close()
+        await writer.close()
+
+
+async def test_a_batched_update_ends_on_a_short_batch(empty_db: str) -> None:
+    from service.migrations import _run_online_step, parse_migration
+
+    # Each batch changes the one row again, as rows live writers keep adding would: it must
+    # end once a batch comes back short of its LIMIT, not wait for an empty one.
+    migration = parse_migration(
+        "0009_test",
+        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL);\n"
+        "INSERT INTO t VALUES (1, 0);\n"
+        "-- @online repeat\n"
+        "UPDATE t SET n = n + 1 WHERE id IN (SELECT id FROM t LIMIT 10);\n",
+    )
+    (step,) = migration.online
+    assert step.repeat and step.batch == 10
+    conn = await asyncpg.connect(empty_db)
+    try:
+        await conn.execute(migration.sql)
+        await asyncio.wait_for(_run_online_step(conn, step), timeout=10)
+        assert await conn.fetchval("SELECT n FROM t") == 1
+    finally:
+        await conn.close()
+    assert "EXIT WHEN NOT FOUND" in step.printed()

@@ -24,7 +24,7 @@ from tests.rest_support import (
 
 
 async def test_store_outage_is_503_and_passes(results_dsn: str, account: uuid.UUID) -> None:
-    async with running_postgrest(results_dsn, SERVICE_KEY) as server:
+    async with running_postgrest(results_dsn) as server:
         store = await SupabaseStore.open(server.url, SERVICE_KEY, attempts=2, backoff=0.01)
         try:
             await store.add_instance(INSTANCE, account)
@@ -45,7 +45,9 @@ async def test_store_outage_is_503_and_passes(results_dsn: str, account: uuid.UU
                         "success": False,
                         "error": "results database unavailable, retry later",
                     }
-                server.fail_next(2, status=503)
+                # The readiness check sends six requests (the key's access check), each tried
+                # twice by this store.
+                server.fail_next(12, status=503)
                 status, body = await api.call("GET", "/ready")
                 assert status == 503
                 assert body["checks"]["results_db"].startswith("down")

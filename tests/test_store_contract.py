@@ -1,8 +1,11 @@
 """One contract, two results stores.
 
-Every test in the first part runs twice: against PostgresStore (asyncpg, direct) and
-against SupabaseStore (supabase-py → HTTP → the PostgREST-compatible test server → the
-same real PostgreSQL). Both run the SQL functions of migrations/ for the write rules.
+Every test in the first part runs against PostgresStore (asyncpg, direct, as the
+database's non-superuser owner) and against SupabaseStore (supabase-py → HTTP → the
+role-enforcing PostgREST-compatible test server → the same real PostgreSQL, as
+`service_role`), each on a Supabase-like database (tests/supabase_db.py) migrated fresh and
+one upgraded from the original service's tables with rows and their old grants. Both run the
+SQL functions of service/sql/ for the write rules.
 The last part covers what only one transport has: retries, error mapping, the test
 server's own PostgREST semantics.
 """
@@ -36,11 +39,24 @@ from service.stores.factory import open_store
 from service.stores.postgres import PostgresStore
 from service.stores.supabase import SupabaseStore
 from tests.conftest import create_database, drop_database, pg_dsn
-from tests.fakes.postgrest_server import PostgrestServer, running_postgrest
+from tests.fakes.postgrest_server import (
+    SERVICE_KEY,
+    PostgrestServer,
+    legacy_key,
+    running_postgrest,
+)
+from tests.supabase_db import migrated_database
 
-KEY = "test-service-role-key"
+KEY = SERVICE_KEY
 T0 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
 INSTANCE = "inst-a"
+
+
+@pytest.fixture(params=["fresh", "upgraded"])
+async def results_dsn(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """Every test on a freshly migrated database and on an upgraded original one."""
+    async with migrated_database(request.param) as dsn:
+        yield dsn
 
 
 @pytest.fixture(params=["postgres", "supabase"])
@@ -52,7 +68,7 @@ async def store(request: pytest.FixtureRequest, results_dsn: str) -> AsyncIterat
         finally:
             await pg.close()
     else:
-        async with running_postgrest(results_dsn, KEY) as server:
+        async with running_postgrest(results_dsn) as server:
             sb = await SupabaseStore.open(server.url, KEY, request_timeout=10, backoff=0.01)
             try:
                 yield sb
@@ -62,7 +78,7 @@ async def store(request: pytest.FixtureRequest, results_dsn: str) -> AsyncIterat
 
 @pytest.fixture
 async def postgrest(results_dsn: str) -> AsyncIterator[PostgrestServer]:
-    async with running_postgrest(results_dsn, KEY) as server:
+    async with running_postgrest(results_dsn) as server:
         yield server
 
 
@@ -666,11 +682,18 @@ async def test_instance_mapping(store: ResultsStore, account: uuid.UUID) -> None
 
     assert await store.instance_account("sales-1") == account
     assert await store.instance_account("nope") is None
-    assert [m.instance_name for m in await store.list_instances()] == ["sales-0", "sales-1"]
+    assert [
+        m.instance_name for m in await store.list_instances() if m.instance_name != "clinic-main"
+    ] == [
+        "sales-0",
+        "sales-1",
+    ]
     assert await store.remove_instance("sales-1") is True
     assert await store.remove_instance("sales-1") is False
     assert await store.instance_account("sales-1") is None
-    assert [m.instance_name for m in await store.list_instances()] == ["sales-0"]
+    assert [
+        m.instance_name for m in await store.list_instances() if m.instance_name != "clinic-main"
+    ] == ["sales-0"]
 
 
 # -- opening stores ------------------------------------------------------------------------
@@ -758,7 +781,7 @@ async def test_supabase_does_not_repeat_an_insert_that_may_have_run(
 
 
 async def test_supabase_explains_key_schema_and_connection_errors(
-    postgrest: PostgrestServer, empty_db: str
+    postgrest: PostgrestServer, supabase_empty_db: str
 ) -> None:
     wrong = await SupabaseStore.open(postgrest.url, "not-the-key", backoff=0.01)
     try:
@@ -767,7 +790,7 @@ async def test_supabase_explains_key_schema_and_connection_errors(
     finally:
         await wrong.close()
 
-    async with running_postgrest(empty_db, KEY) as bare:  # migrations never ran
+    async with running_postgrest(supabase_empty_db) as bare:  # migrations never ran
         unmigrated = await SupabaseStore.open(bare.url, KEY, backoff=0.01)
         try:
             with pytest.raises(StoreUnavailableError, match="migrate --print"):
@@ -798,7 +821,14 @@ async def test_supabase_pages_keyset_through_the_rpc(
 # -- the test server itself speaks PostgREST ---------------------------------------------
 
 
-async def test_postgrest_server_semantics(postgrest: PostgrestServer, account: uuid.UUID) -> None:
+async def test_postgrest_server_semantics(
+    postgrest: PostgrestServer, account: uuid.UUID, results_dsn: str
+) -> None:
+    conn = await asyncpg.connect(results_dsn)
+    try:  # the upgraded original's instance row would change the counts below
+        await conn.execute("DELETE FROM whatsapp_instances")
+    finally:
+        await conn.close()
     headers = {"apikey": KEY, "Authorization": f"Bearer {KEY}"}
     async with httpx.AsyncClient(base_url=postgrest.url + "/rest/v1", headers=headers) as http:
         for n in range(3):
@@ -838,15 +868,19 @@ async def test_postgrest_server_semantics(postgrest: PostgrestServer, account: u
         capped = await http.get("/whatsapp_instances", headers={"Prefer": "count=exact"})
         assert len(capped.json()) == 2 and capped.headers["content-range"] == "0-1/3"
 
+        # service_role may not UPDATE whatsapp_instances (the store never does): PostgreSQL
+        # refuses, PostgREST answers 42501 with 403 for a role other than anon.
         changed = await http.patch(
             "/whatsapp_instances",
             params={"instance_name": "eq.i1"},
             json={"status": "connected"},
             headers={"Prefer": "return=representation"},
         )
-        assert changed.status_code == 200 and changed.json()[0]["status"] == "connected"
-        bad_value = await http.patch(
-            "/whatsapp_instances", params={"instance_name": "eq.i1"}, json={"status": "asleep"}
+        assert changed.status_code == 403 and changed.json()["code"] == "42501"
+        assert changed.json()["message"] == "permission denied for table whatsapp_instances"
+        bad_value = await http.post(
+            "/whatsapp_instances",
+            json={"instance_name": "i9", "user_account_id": str(account), "status": "asleep"},
         )
         assert bad_value.status_code == 400 and bad_value.json()["code"] == "23514"
         unfiltered = await http.delete("/whatsapp_instances")
@@ -858,7 +892,11 @@ async def test_postgrest_server_semantics(postgrest: PostgrestServer, account: u
         )
         assert [r["instance_name"] for r in removed.json()] == ["i0"]
 
-        assert (await http.get("/no_such_table")).status_code == 404
+        missing = await http.get("/no_such_table")
+        assert missing.status_code == 404 and missing.json()["code"] == "PGRST205"
+        assert missing.json()["message"] == (
+            "Could not find the table 'public.no_such_table' in the schema cache"
+        )
         unknown_column = await http.get("/whatsapp_instances", params={"select": "password"})
         assert unknown_column.status_code == 400 and unknown_column.json()["code"] == "42703"
         bad_uuid = await http.get("/whatsapp_instances", params={"user_account_id": "eq.x"})
@@ -870,11 +908,19 @@ async def test_postgrest_server_semantics(postgrest: PostgrestServer, account: u
 
     async with httpx.AsyncClient(base_url=postgrest.url + "/rest/v1") as anonymous:
         denied = await anonymous.get("/whatsapp_instances")
-        assert denied.status_code == 401 and denied.json()["code"] == "PGRST301"
+        assert denied.status_code == 401
+        assert denied.json()["message"] == "No API key found in request"
+        forged = await anonymous.get("/whatsapp_instances", headers={"apikey": "eyJ.not.signed"})
+        assert forged.status_code == 401 and forged.json()["message"] == "Invalid API key"
         wrong_bearer = await anonymous.get(
             "/whatsapp_instances", headers={"apikey": KEY, "Authorization": "Bearer other"}
         )
-        assert wrong_bearer.status_code == 401
+        assert wrong_bearer.status_code == 401 and wrong_bearer.json()["code"] == "PGRST301"
+        nobody = legacy_key("nobody")  # signed, but its role does not exist
+        unknown_role = await anonymous.get(
+            "/whatsapp_instances", headers={"apikey": nobody, "Authorization": f"Bearer {nobody}"}
+        )
+        assert unknown_role.status_code == 401 and unknown_role.json()["code"] == "22023"
 
 
 async def test_lead_row_fields_are_the_tables_columns(results_dsn: str) -> None:

@@ -224,6 +224,11 @@ class StoreUnavailableError(Exception):
     """The results store cannot be reached (transient: retry later)."""
 
 
+class StoreAccessError(StoreUnavailableError):
+    """The store answers but refuses this service's work: a wrong key, missing grants or
+    missing tables. Not cured by retrying; the message says what to fix."""
+
+
 class ResultsStore(Protocol):
     """Results store operations. Every account-facing call takes the account."""
 

@@ -17,6 +17,8 @@ by page until the count the server reported is reached, so nothing is cut silent
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import random
 import uuid
@@ -26,7 +28,7 @@ from typing import Any, TypeVar
 import httpx
 import msgspec
 from loguru import logger
-from postgrest.types import CountMethod
+from postgrest.types import CountMethod, ReturnMethod
 from supabase import AsyncClientOptions, acreate_client
 
 from service.stores.base import (
@@ -37,6 +39,7 @@ from service.stores.base import (
     LeadQuery,
     LeadRow,
     LeadStats,
+    StoreAccessError,
     StoredState,
     StoreUnavailableError,
     UpsertResult,
@@ -63,6 +66,50 @@ _TRANSIENT_PGRST = frozenset({"PGRST000", "PGRST001", "PGRST002", "PGRST003"})
 # Answers from Supabase's gateway or its CDN while the API is restarting or overloaded.
 _TRANSIENT_STATUS = frozenset({429, 502, 503, 504, 520, 521, 522, 523, 524})
 _MISSING_OBJECT = frozenset({"42P01", "42883", "PGRST202", "PGRST205"})
+KEY_VARIABLE = "SUPABASE_SERVICE_KEY"
+SERVICE_ROLE = "service_role"
+_SET_THE_SERVICE_KEY = (
+    f"set {KEY_VARIABLE} to the project's secret key (sb_secret_…) or its legacy "
+    "service_role key (Project Settings → API Keys)"
+)
+_REMIGRATE = "re-run the SQL of `crm-backend migrate --print` in Supabase's SQL editor"
+
+
+def key_role(key: str) -> str | None:
+    """The Postgres role a Supabase key stands for, when its form tells.
+
+    New keys say it in their prefix (`sb_secret_…`: service_role, `sb_publishable_…`:
+    anon); legacy keys are JWTs naming it in their `role` claim. None: an unknown form
+    (what the server makes of it shows in the access check).
+    """
+    if key.startswith("sb_secret_"):
+        return SERVICE_ROLE
+    if key.startswith("sb_publishable_"):
+        return "anon"
+    parts = key.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    role = payload.get("role") if isinstance(payload, dict) else None
+    return role if isinstance(role, str) else None
+
+
+def check_key(key: str) -> None:
+    """Refuse a key that is surely not the service key (StoreAccessError, one line)."""
+    role = key_role(key)
+    if role is None or role == SERVICE_ROLE:
+        return
+    if key.startswith("sb_publishable_"):
+        what = "the project's publishable key (sb_publishable_…)"
+    else:
+        what = f"a key of role {role!r}"
+    raise StoreAccessError(
+        f"{KEY_VARIABLE} is {what}: Supabase would run every request as {role!r}, which "
+        f"may read and write none of the leads; {_SET_THE_SERVICE_KEY}"
+    )
 
 
 class SupabaseHttpError(Exception):
@@ -132,12 +179,14 @@ class SupabaseStore:
         http: httpx.AsyncClient,
         *,
         url: str,
+        key: str,
         attempts: int = 4,
         backoff: float = 0.25,
     ) -> None:
         self._client = client
         self._http = http
         self._url = url
+        self._key = key
         self._attempts = max(attempts, 1)
         self._backoff = backoff
 
@@ -169,13 +218,44 @@ class SupabaseStore:
             raise StoreUnavailableError(
                 f"cannot use SUPABASE_URL/SUPABASE_SERVICE_KEY: {exc}"
             ) from None
-        return cls(client, http, url=url, attempts=attempts, backoff=backoff)
+        return cls(client, http, url=url, key=key, attempts=attempts, backoff=backoff)
 
     async def close(self) -> None:
         await self._http.aclose()
 
     async def ping(self) -> None:
-        await self._run("ping", lambda: self._leads().select("id").limit(1).execute())
+        """Readiness: the key can do the store's work (see `check_access`)."""
+        await self.check_access()
+
+    async def check_access(self) -> None:
+        """Check that the key may do what the store does, changing nothing.
+
+        The key's form first (an anon or publishable key fails at once), then one request
+        per kind of work: read both tables, and writes that match no row or are refused
+        after the privilege check (an UPDATE and a DELETE of no row, an INSERT of a row
+        that breaks NOT NULL, the upsert function without a row). Raises StoreAccessError
+        naming what to fix, StoreUnavailableError when Supabase cannot be reached.
+        """
+        check_key(self._key)
+        doing = "checking the key's access"
+        leads, instances = self._leads, self._instances
+        minimal = ReturnMethod.minimal
+        probes: list[Callable[[], Awaitable[Any]]] = [
+            lambda: leads().select("id").limit(1).execute(),
+            lambda: instances().select("instance_name").limit(1).execute(),
+            lambda: leads().update({"notes": None}).is_("id", "null").execute(),
+            lambda: instances().delete().is_("instance_name", "null").execute(),
+            lambda: leads().insert({"contact_phone": None}, returning=minimal).execute(),
+            lambda: self._client.rpc("crm_upsert_analysis", {"p": {}}).execute(),
+        ]
+
+        async def probe(send: Callable[[], Awaitable[Any]]) -> None:
+            try:
+                await self._run(doing, send)
+            except ValueError:
+                pass  # refused after the privilege check (NOT NULL, missing fields)
+
+        await asyncio.gather(*(probe(send) for send in probes))
 
     # -- pipeline ---------------------------------------------------------------------
     async def get_state(self, account: uuid.UUID, instance: str, phone: str) -> StoredState | None:
@@ -390,6 +470,9 @@ class SupabaseStore:
     def _leads(self) -> Any:
         return self._client.table(LEADS)
 
+    def _instances(self) -> Any:
+        return self._client.table(INSTANCES)
+
     async def _run(
         self, doing: str, send: Callable[[], Awaitable[T]], *, repeatable: bool = True
     ) -> T:
@@ -459,15 +542,35 @@ def _domain_error(exc: SupabaseHttpError, doing: str, url: str) -> Exception:
     if exc.code == "23505":
         return DuplicateLeadError("a lead for this instance and phone exists already")
     if exc.status in (401, 403):
-        return StoreUnavailableError(
-            f"Supabase at {url} refused the request (HTTP {exc.status}: {exc.message}); "
-            "check SUPABASE_SERVICE_KEY (the service_role key)"
-        )
+        return access_error(exc)
     if exc.code in _MISSING_OBJECT:
-        return StoreUnavailableError(
-            f"Supabase at {url} lacks this service's tables or functions ({exc.message}); "
-            "run `crm-backend migrate --print` and paste the SQL into the SQL editor"
+        return StoreAccessError(
+            f"Supabase lacks this service's tables or functions ({exc.message}): "
+            f"run the SQL of `crm-backend migrate --print` in Supabase's SQL editor"
         )
     if exc.status == 400 and exc.code and exc.code[:2] in ("22", "23"):
         return ValueError(f"invalid value: {exc.message}")
     return StoreUnavailableError(f"Supabase error while {doing}: {exc}")
+
+
+def access_error(exc: SupabaseHttpError) -> StoreAccessError:
+    """What a 401/403 means: the key, or privileges the migration grants.
+
+    PostgREST answers "permission denied" (42501) with 401 when the request ran as the anon
+    role and with 403 for any other role (PostgREST's Error.hs, mapSQLtoHTTP): a 403 means
+    the service role lacks a grant, not that the key is wrong.
+    """
+    if exc.code == "42501" and exc.status == 403:
+        return StoreAccessError(
+            f"Supabase refused the service role ({exc.message}): its grants are missing; "
+            f"{_REMIGRATE} (since 2026-10-30 Supabase grants nothing on new tables by itself)"
+        )
+    if exc.code == "42501":
+        return StoreAccessError(
+            f"{KEY_VARIABLE} is not the service key: Supabase ran the request as the anon "
+            f"role ({exc.message}); {_SET_THE_SERVICE_KEY}"
+        )
+    return StoreAccessError(
+        f"Supabase rejected {KEY_VARIABLE} (HTTP {exc.status}: {exc.message}); "
+        f"{_SET_THE_SERVICE_KEY}"
+    )

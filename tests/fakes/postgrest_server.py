@@ -1,49 +1,86 @@
 """A PostgREST-compatible HTTP server over a real PostgreSQL database, for tests.
 
-It serves `/rest/v1/...` the way Supabase does, for the requests supabase-py sends:
+It serves `/rest/v1/...` the way a Supabase project does (its API gateway, then PostgREST),
+for the requests supabase-py sends, and enforces what they enforce:
 
-- `GET /rest/v1/<table>`: `select=` (column names or `*`), horizontal filters
-  `col=[not.]op.value` with eq, neq, gt, gte, lt, lte, is, in; `order=col.desc.nullslast,..`;
-  `limit`, `offset` or a `Range: a-b` header; `Prefer: count=exact` (`Content-Range:
-  0-9/123`, 206 when partial, 416 past the end); answers capped at `max_rows` (Supabase's
-  default max-rows is 1,000);
-- `POST /rest/v1/<table>` (insert; `columns=`, `Prefer: return=representation|minimal`),
-  `PATCH` and `DELETE` with filters (a filter is required, as pg-safeupdate does on
-  Supabase);
-- `POST /rest/v1/rpc/<function>` with a JSON object of named arguments (typed through
-  `json_to_record`, as PostgREST does); `select`, filters, order and limits apply to
-  functions returning rows.
+- **Keys and roles.** The gateway wants an `apikey`: a legacy JWT key (HS256, signed with
+  the project's JWT secret, the role in its `role` claim) or a new `sb_secret_…` /
+  `sb_publishable_…` key (standing for `service_role` / `anon`). `Authorization: Bearer`
+  may carry another JWT (a signed-in user). Like PostgREST
+  (PostgREST/postgrest `src/library/PostgREST/Query/PreQuery.hs`, `txVarQuery`), every
+  request runs in its own transaction, connected as `authenticator`, after
+  `set_config('role', <role>, true)` (= SET LOCAL ROLE), `request.jwt.claims`,
+  `request.method`, `request.path` and `search_path`: privileges and row level security
+  apply as on Supabase.
+- **Read-only where PostgREST is** (`src/library/PostgREST/Plan.hs`): GET, and RPC calls of
+  STABLE or IMMUTABLE functions, run in a READ ONLY transaction (a write there: 25006 → 405).
+- **Schema cache** (`src/library/PostgREST/SchemaCache.hs`): tables and functions of the
+  schema are read at start, without a privilege filter, and only again on
+  `NOTIFY pgrst, 'reload schema'` (or a bare `NOTIFY pgrst`) — a missing table is
+  PGRST205, a missing function PGRST202 (404), never a silent reload.
+- **Errors** (`src/library/PostgREST/Error.hs`, `mapSQLtoHTTP`): `{"code", "details",
+  "hint", "message"}` with its statuses: 23505 → 409, 42P01 → 404, 22P02 → 400, 08* → 503,
+  42501 → 403, or 401 (with `WWW-Authenticate: Bearer`) when the role is the anon role.
 
-Errors are PostgREST's JSON `{"code", "details", "hint", "message"}` with its HTTP statuses
-(23505 → 409, 42P01 → 404, 22P02 → 400, 08* → 503, ...). Requests need the configured key
-in `apikey` (and, when sent, `Authorization: Bearer`), else 401. Table, column and function
-names are checked against the database catalog before they reach SQL; values always
-travel as query parameters.
+Requests: `GET /rest/v1/<table>`: `select=` (column names or `*`), horizontal filters
+`col=[not.]op.value` with eq, neq, gt, gte, lt, lte, is, in; `order=col.desc.nullslast,..`;
+`limit`, `offset` or a `Range: a-b` header; `Prefer: count=exact` (`Content-Range:
+0-9/123`, 206 when partial, 416 past the end); answers capped at `max_rows` (Supabase's
+default max-rows is 1,000). `POST /rest/v1/<table>` (insert; `columns=`, `Prefer:
+return=representation|minimal`), `PATCH` and `DELETE` with filters (a filter is required,
+as pg-safeupdate does on Supabase). `POST /rest/v1/rpc/<function>` with a JSON object of
+named arguments (typed through `json_to_record`, as PostgREST does); `select`, filters,
+order and limits apply to functions returning rows. Table, column and function names are
+checked against the schema cache before they reach SQL; values always travel as query
+parameters.
 
-`fail_next()` and `drop_next()` inject transient failures for retry tests.
+The database must be Supabase-like (tests/supabase_db.py): the server logs in as
+`authenticator`. `fail_next()` and `drop_next()` inject transient failures for retry tests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+import jwt
 from aiohttp import web
 from asyncpg.pool import PoolConnectionProxy
 
 REST = "/rest/v1"
+# The project's JWT secret and its keys (as a Supabase project's API settings list them).
+JWT_SECRET = "test-project-jwt-secret-with-at-least-32-characters"
+ANON_ROLE = "anon"  # PostgREST's db-anon-role on Supabase
+
+
+def legacy_key(role: str) -> str:
+    """A legacy API key: a long-lived HS256 JWT naming its role, as Supabase issues them."""
+    now = int(time.time())
+    claims = {"iss": "supabase", "ref": "testproject", "role": role, "iat": now}
+    claims["exp"] = now + 10 * 365 * 86400
+    return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+
+
+SERVICE_KEY = legacy_key("service_role")
+ANON_KEY = legacy_key("anon")
+AUTHENTICATED_KEY = legacy_key("authenticated")
+SECRET_KEY = "sb_secret_testproject0000000000000000"
+PUBLISHABLE_KEY = "sb_publishable_testproject000000000000"
+# New-style keys: the gateway swaps them for a JWT of this role.
+OPAQUE_KEYS = {SECRET_KEY: "service_role", PUBLISHABLE_KEY: ANON_ROLE}
 _STATUS_BY_SQLSTATE = {
     "23503": 409,
     "23505": 409,
     "25006": 405,
     "42883": 404,
     "42P01": 404,
-    "42501": 403,
     "53400": 500,
     "P0001": 400,
 }
@@ -87,7 +124,14 @@ class PostgrestError(Exception):
     ) -> None:
         super().__init__(message)
         self.status = status
-        self.body = {"code": code, "details": details, "hint": hint, "message": message}
+        self.body: dict[str, Any] = {
+            "code": code,
+            "details": details,
+            "hint": hint,
+            "message": message,
+        }
+        if not code:  # an answer of the API gateway, not of PostgREST
+            self.body = {"message": message, "hint": hint}
         self.headers = dict(headers or {})
 
 
@@ -98,6 +142,16 @@ class _Function:
     required: int  # the first `required` args have no default
     returns_rows: bool
     row_columns: dict[str, str]  # of the composite it returns (SETOF table), else {}
+    read_only: bool  # STABLE or IMMUTABLE: PostgREST calls it in a READ ONLY transaction
+
+
+@dataclass(frozen=True)
+class _Auth:
+    role: str
+    claims: dict[str, Any]
+
+
+_AUTH = web.RequestKey("auth", _Auth)
 
 
 @dataclass
@@ -114,17 +168,17 @@ def _ident(name: str) -> str:
 class PostgrestServer:
     """Start with `await server.start()` (returns the Supabase-style base URL)."""
 
-    def __init__(
-        self, dsn: str, key: str, *, max_rows: int | None = 1000, schema: str = "public"
-    ) -> None:
-        self._dsn = dsn
-        self._key = key
+    def __init__(self, dsn: str, *, max_rows: int | None = 1000, schema: str = "public") -> None:
+        self._dsn = _as_authenticator(dsn)
         self._schema = schema
         self.max_rows = max_rows
         self.requests: list[str] = []  # "METHOD /path?query" of every request
         self._failures: list[int] = []  # statuses to answer next (0 = drop the connection)
         self._catalog = _Catalog()
         self._pool: asyncpg.Pool | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._reloading: set[asyncio.Task[None]] = set()
+        self.schema_reloads = 0  # schema cache loads after the first (NOTIFY pgrst)
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -132,6 +186,9 @@ class PostgrestServer:
     async def start(self) -> str:
         self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=10)
         await self._load_catalog()
+        # PostgREST LISTENs on channel `pgrst` (docs/references/listener.rst).
+        self._listener = await asyncpg.connect(self._dsn)
+        await self._listener.add_listener("pgrst", self._on_notify)
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", REST + "/rpc/{name}", self._rpc)
         app.router.add_route("*", REST + "/{name}", self._table)
@@ -146,9 +203,24 @@ class PostgrestServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
+        for task in list(self._reloading):
+            await task
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        if payload.strip() in ("", "reload schema"):
+            task = asyncio.get_running_loop().create_task(self._reload())
+            self._reloading.add(task)
+            task.add_done_callback(self._reloading.discard)
+
+    async def _reload(self) -> None:
+        await self._load_catalog()
+        self.schema_reloads += 1
 
     def fail_next(self, count: int, status: int = 503) -> None:
         """Answer the next `count` requests with `status` (as a gateway would), unprocessed."""
@@ -176,35 +248,27 @@ class PostgrestServer:
             return web.json_response(
                 {"message": "upstream unavailable"}, status=status, headers={"Retry-After": "0"}
             )
+        auth: _Auth | None = None
         try:
-            self._authorize(request)
+            auth = _authorize(request)
+            request[_AUTH] = auth
             response: web.StreamResponse = await handler(request)
             return response
         except PostgrestError as exc:
             return web.json_response(exc.body, status=exc.status, headers=exc.headers)
         except asyncpg.PostgresError as exc:
-            return _pg_error_response(exc)
+            assert auth is not None
+            return _pg_error_response(exc, auth.role)
         except (OSError, asyncpg.InterfaceError) as exc:
             body = {"code": "PGRST000", "details": str(exc), "hint": None, "message": "no db"}
             return web.json_response(body, status=503)
-
-    def _authorize(self, request: web.Request) -> None:
-        apikey = request.headers.get("apikey")
-        bearer = request.headers.get("Authorization")
-        if apikey != self._key or (bearer is not None and bearer != f"Bearer {self._key}"):
-            raise PostgrestError(
-                401,
-                "PGRST301",
-                "Invalid API key",
-                hint="Double check your Supabase `anon` or `service_role` API key.",
-            )
 
     async def _table_request(self, request: web.Request) -> web.StreamResponse:
         table = request.match_info["name"]
         columns = await self._table_columns(table)
         if request.method == "GET":
             source = f"{_ident(self._schema)}.{_ident(table)}"
-            return await self._read(request, source, columns, [])
+            return await self._read(request, source, columns, [], read_only=True)
         if request.method == "POST":
             return await self._insert(request, table, columns)
         if request.method == "PATCH":
@@ -229,11 +293,13 @@ class PostgrestServer:
         call = f"{_ident(self._schema)}.{_ident(name)}({call_args})"
         if function.returns_rows:
             rows = f"(SELECT _r.* FROM {source}, LATERAL {call} AS _r)"
-            return await self._read(request, rows, function.row_columns, [json.dumps(args)])
+            return await self._read(
+                request, rows, function.row_columns, [json.dumps(args)], function.read_only
+            )
         if _has_filters(request):
             raise PostgrestError(400, "PGRST100", "filters apply only to functions returning rows")
         sql = f"SELECT to_json({call})::text FROM {source}"
-        async with self._transaction() as conn:
+        async with self._transaction(request, read_only=function.read_only) as conn:
             value = await conn.fetchval(sql, *([json.dumps(args)] if declared else []))
         return _json_text(value if value is not None else "null", 200)
 
@@ -244,6 +310,7 @@ class PostgrestServer:
         source: str,
         columns: Mapping[str, str],
         args: list[Any],
+        read_only: bool,
     ) -> web.StreamResponse:
         params: list[Any] = list(args)
         select = _select_list(request, columns)
@@ -261,7 +328,7 @@ class PostgrestServer:
             "SELECT coalesce(json_agg(_t), '[]')::text, count(*) "
             f"FROM ({body_sql} LIMIT ${n - 1} OFFSET ${n}) AS _t"
         )
-        async with self._transaction() as conn:
+        async with self._transaction(request, read_only=read_only) as conn:
             record = await conn.fetchrow(sql, *params)
             assert record is not None
             total = None
@@ -353,7 +420,7 @@ class PostgrestServer:
             f"SELECT coalesce(json_agg(_t), '[]')::text, count(*) "
             f"FROM (SELECT {select} FROM _m AS _s) AS _t"
         )
-        async with self._transaction() as conn:
+        async with self._transaction(request, read_only=False) as conn:
             record = await conn.fetchrow(sql, *params)
         assert record is not None
         content_range = f"*/{record[1]}" if status == 201 else f"0-{record[1] - 1}/*"
@@ -363,35 +430,50 @@ class PostgrestServer:
 
     # -- catalog ------------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[PoolConnectionProxy[asyncpg.Record]]:
+    async def _transaction(
+        self, request: web.Request, *, read_only: bool
+    ) -> AsyncIterator[PoolConnectionProxy[asyncpg.Record]]:
+        """One transaction as the request's role (PreQuery.hs `txVarQuery`)."""
         assert self._pool is not None, "server not started"
-        async with self._pool.acquire() as conn, conn.transaction():
+        auth = request[_AUTH]
+        async with self._pool.acquire() as conn, conn.transaction(readonly=read_only):
+            await conn.execute(
+                "SELECT set_config('search_path', $1, true), set_config('role', $2, true), "
+                "set_config('request.jwt.claims', $3, true), "
+                "set_config('request.method', $4, true), set_config('request.path', $5, true)",
+                _ident(self._schema),
+                auth.role,
+                json.dumps({**auth.claims, "role": auth.role}),
+                request.method,
+                request.path,
+            )
             yield conn
 
     async def _table_columns(self, table: str) -> dict[str, str]:
         if table not in self._catalog.tables:
-            await self._load_catalog()  # PostgREST reloads its schema cache likewise
-        if table not in self._catalog.tables:
             raise PostgrestError(
                 404,
-                "42P01",
-                f'relation "{self._schema}.{table}" does not exist',
+                "PGRST205",
+                f"Could not find the table '{self._schema}.{table}' in the schema cache",
             )
         return self._catalog.tables[table]
 
     async def _function(self, name: str, given: set[str]) -> _Function:
-        if name not in self._catalog.functions:
-            await self._load_catalog()
         for function in self._catalog.functions.get(name, []):
             names = [a for a, _ in function.args]
             required = set(names[: function.required])
             if given <= set(names) and required <= given:
                 return function
+        listed = ", ".join(sorted(given))
         raise PostgrestError(
             404,
             "PGRST202",
             f"Could not find the function {self._schema}.{name}"
-            f"({', '.join(sorted(given))}) in the schema cache",
+            + (f"({listed})" if given else " without parameters")
+            + " in the schema cache",
+            details=f"Searched for the function {self._schema}.{name}"
+            + (f" with parameters {listed}" if given else " without parameters")
+            + ", but no matches were found in the schema cache.",
         )
 
     async def _load_catalog(self) -> None:
@@ -412,7 +494,7 @@ class PostgrestServer:
             functions = await conn.fetch(
                 """
                 SELECT p.proname, p.proargnames, p.pronargs, p.pronargdefaults, p.proretset,
-                       t.typrelid,
+                       p.provolatile::text AS provolatile, t.typrelid,
                        ARRAY(SELECT format_type(x, NULL) FROM unnest(p.proargtypes) AS x)
                            AS argtypes,
                        ARRAY(SELECT a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
@@ -444,6 +526,7 @@ class PostgrestServer:
                     required=record["pronargs"] - record["pronargdefaults"],
                     returns_rows=bool(record["proretset"]) and bool(row_columns),
                     row_columns=row_columns,
+                    read_only=record["provolatile"] in ("s", "i"),
                 )
             )
         self._catalog = catalog
@@ -602,24 +685,91 @@ def _json_text(body: str, status: int, headers: Mapping[str, str] | None = None)
     )
 
 
-def _pg_error_response(exc: asyncpg.PostgresError) -> web.Response:
+def _pg_error_response(exc: asyncpg.PostgresError, role: str) -> web.Response:
     code = exc.sqlstate or "XX000"
-    status = _STATUS_BY_SQLSTATE.get(code) or _STATUS_BY_CLASS.get(code[:2], 400)
+    headers: dict[str, str] = {}
+    message = getattr(exc, "message", None) or str(exc)
+    if code == "42501":
+        # Error.hs mapSQLtoHTTP: "if authed then 403 else 401", authed = role /= anon role.
+        status = 403 if role != ANON_ROLE else 401
+    elif code == "22023" and message.startswith("role") and message.endswith("does not exist"):
+        status = 401  # the JWT names a role the database lacks
+    else:
+        status = _STATUS_BY_SQLSTATE.get(code) or _STATUS_BY_CLASS.get(code[:2], 400)
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     body = {
         "code": code,
         "details": getattr(exc, "detail", None),
         "hint": getattr(exc, "hint", None),
-        "message": getattr(exc, "message", None) or str(exc),
+        "message": message,
     }
-    return web.json_response(body, status=status)
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _authorize(request: web.Request) -> _Auth:
+    """The request's role, as Supabase's gateway and PostgREST's Auth.hs decide it."""
+    apikey = request.headers.get("apikey")
+    if not apikey:
+        raise PostgrestError(
+            401,
+            "",
+            "No API key found in request",
+            hint="No `apikey` request header or url param was found.",
+        )
+    key_auth = _key_auth(apikey)
+    if key_auth is None:
+        raise PostgrestError(
+            401,
+            "",
+            "Invalid API key",
+            hint="Double check your Supabase `anon` or `service_role` API key.",
+        )
+    bearer = request.headers.get("Authorization")
+    if bearer is None or bearer == f"Bearer {apikey}":
+        return key_auth
+    token = bearer.removeprefix("Bearer ")
+    claims = _jwt_claims(token) if token != bearer else None
+    if claims is None:
+        raise PostgrestError(
+            401,
+            "PGRST301",
+            "No suitable key or wrong key type",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return _Auth(role=str(claims.get("role") or ANON_ROLE), claims=claims)
+
+
+def _key_auth(apikey: str) -> _Auth | None:
+    if apikey in OPAQUE_KEYS:
+        return _Auth(role=OPAQUE_KEYS[apikey], claims={"role": OPAQUE_KEYS[apikey]})
+    claims = _jwt_claims(apikey)
+    if claims is None:
+        return None
+    return _Auth(role=str(claims.get("role") or ANON_ROLE), claims=claims)
+
+
+def _jwt_claims(token: str) -> dict[str, Any] | None:
+    try:
+        claims: dict[str, Any] = jwt.decode(token, JWT_SECRET, algorithms=["HS256"])
+    except jwt.PyJWTError:
+        return None
+    return claims
+
+
+def _as_authenticator(dsn: str) -> str:
+    """The DSN with PostgREST's login role, `authenticator`."""
+    scheme, _, rest = dsn.partition("://")
+    _, at, host = rest.rpartition("@")
+    return f"{scheme}://authenticator@{host if at else rest}"
 
 
 @contextlib.asynccontextmanager
 async def running_postgrest(
-    dsn: str, key: str, *, max_rows: int | None = 1000
+    dsn: str, *, max_rows: int | None = 1000
 ) -> AsyncIterator[PostgrestServer]:
     """A started server on a free port of 127.0.0.1; stopped on exit."""
-    server = PostgrestServer(dsn, key, max_rows=max_rows)
+    server = PostgrestServer(dsn, max_rows=max_rows)
     await server.start()
     try:
         yield server

@@ -125,67 +125,9 @@ ALTER TABLE dialog_analysis
     ADD COLUMN IF NOT EXISTS source TEXT NOT NULL DEFAULT 'auto',
     ADD COLUMN IF NOT EXISTS manual_fields TEXT[] NOT NULL DEFAULT '{}';
 
--- `analyzer` tells an analysed row from a `new_lead` one. When the column is first added
--- to an original table, rows the original's model analysed (any stage but new_lead) are
--- marked 'original', so a later new_lead refresh cannot downgrade their facts.
-DO $$
-BEGIN
-    IF NOT EXISTS (
-        SELECT 1 FROM pg_attribute
-        WHERE attrelid = 'dialog_analysis'::regclass AND attname = 'analyzer'
-          AND NOT attisdropped
-    ) THEN
-        ALTER TABLE dialog_analysis ADD COLUMN analyzer TEXT;
-        UPDATE dialog_analysis SET analyzer = 'original'
-        WHERE funnel_stage IS DISTINCT FROM 'new_lead';
-    END IF;
-END
-$$;
-
--- CHECK constraints, each added only where no constraint of that name exists. Added
--- NOT VALID first (no full-table check under lock), then validated; when old rows do not
--- satisfy one it stays NOT VALID: those rows are kept, and new writes are still checked.
-DO $$
-DECLARE
-    c record;
-BEGIN
-    FOR c IN
-        SELECT * FROM (VALUES
-            ('dialog_analysis_interest_level_check',
-             $c$CHECK (interest_level IN ('hot', 'warm', 'cold'))$c$),
-            ('dialog_analysis_main_intent_check',
-             $c$CHECK (main_intent IN ('clinic_lead', 'ai_targetolog', 'marketing_analysis',
-                'other'))$c$),
-            ('dialog_analysis_action_check',
-             $c$CHECK (action IN ('want_call', 'want_work', 'reserve', 'none'))$c$),
-            ('dialog_analysis_score_check',
-             $c$CHECK (score >= 0 AND score <= 100)$c$),
-            ('dialog_analysis_funnel_stage_check',
-             $c$CHECK (funnel_stage IN ('new_lead', 'not_qualified', 'qualified',
-                'consultation_booked', 'consultation_completed', 'deal_closed',
-                'deal_lost'))$c$),
-            ('dialog_analysis_niche_check',
-             $c$CHECK (niche IN ('medicine', 'infobusiness', 'other', 'targetologist'))$c$),
-            ('dialog_analysis_source_check',
-             $c$CHECK (source IN ('auto', 'manual'))$c$)
-        ) AS t(name, definition)
-    LOOP
-        IF NOT EXISTS (
-            SELECT 1 FROM pg_constraint
-            WHERE conrelid = 'dialog_analysis'::regclass AND conname = c.name
-        ) THEN
-            EXECUTE format('ALTER TABLE dialog_analysis ADD CONSTRAINT %I %s NOT VALID',
-                           c.name, c.definition);
-            BEGIN
-                EXECUTE format('ALTER TABLE dialog_analysis VALIDATE CONSTRAINT %I', c.name);
-            EXCEPTION WHEN check_violation THEN
-                RAISE NOTICE 'constraint % left NOT VALID: older rows do not satisfy it',
-                    c.name;
-            END;
-        END IF;
-    END LOOP;
-END
-$$;
+-- `analyzer` tells an analysed row from a `new_lead` one; the rows of an original table
+-- are marked by the online step at the end of this file.
+ALTER TABLE dialog_analysis ADD COLUMN IF NOT EXISTS analyzer TEXT;
 
 -- One row per (instance_name, contact_phone): the key every upsert resolves on.
 DO $$
@@ -218,29 +160,6 @@ BEGIN
 END
 $$;
 
--- List order everywhere: score DESC NULLS LAST, last_message DESC NULLS LAST, id DESC.
--- Written with COALESCE (score is 0-100, so -1 sorts after every score) so that one
--- row comparison walks these indexes for keyset pagination.
-CREATE INDEX IF NOT EXISTS idx_dialog_analysis_account_order ON dialog_analysis (
-    user_account_id,
-    (COALESCE(score, -1)) DESC,
-    (COALESCE(last_message, '-infinity'::timestamptz)) DESC,
-    id DESC
-);
-CREATE INDEX IF NOT EXISTS idx_dialog_analysis_account_instance_order ON dialog_analysis (
-    user_account_id,
-    instance_name,
-    (COALESCE(score, -1)) DESC,
-    (COALESCE(last_message, '-infinity'::timestamptz)) DESC,
-    id DESC
-);
-CREATE INDEX IF NOT EXISTS idx_dialog_analysis_account_stage
-    ON dialog_analysis (user_account_id, funnel_stage);
-CREATE INDEX IF NOT EXISTS idx_dialog_analysis_account_interest
-    ON dialog_analysis (user_account_id, interest_level);
-CREATE INDEX IF NOT EXISTS idx_whatsapp_instances_account
-    ON whatsapp_instances (user_account_id);
-
 DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'anon') THEN
@@ -248,3 +167,114 @@ BEGIN
     END IF;
 END
 $$;
+
+
+-- ---- online steps: `crm-backend migrate` runs each on its own, after the part above has
+-- committed (indexes built concurrently, updates in batches), so writers of a big original
+-- table are not held up; pasted into the SQL editor they run in its one transaction.
+
+-- Rows the original's model analysed (any stage but new_lead) count as analyses, so a later
+-- new_lead refresh cannot downgrade their facts. Only rows no person and no analysis of
+-- this service wrote match, so running this again changes nothing.
+-- @online repeat
+UPDATE dialog_analysis SET analyzer = 'original'
+WHERE id IN (
+    SELECT id FROM dialog_analysis
+    WHERE analyzer IS NULL AND source = 'auto' AND cardinality(manual_fields) = 0
+      AND funnel_stage IS DISTINCT FROM 'new_lead'
+    LIMIT 5000
+);
+
+-- CHECK constraints, each added only where no constraint of that name exists. Added
+-- NOT VALID (no full-table check while the table is locked), after the update above (which
+-- would re-check old rows), and validated by the next step.
+-- @online
+DO $$
+DECLARE
+    c record;
+BEGIN
+    FOR c IN
+        SELECT * FROM (VALUES
+            ('dialog_analysis_interest_level_check',
+             $c$CHECK (interest_level IN ('hot', 'warm', 'cold'))$c$),
+            ('dialog_analysis_main_intent_check',
+             $c$CHECK (main_intent IN ('clinic_lead', 'ai_targetolog', 'marketing_analysis',
+                'other'))$c$),
+            ('dialog_analysis_action_check',
+             $c$CHECK (action IN ('want_call', 'want_work', 'reserve', 'none'))$c$),
+            ('dialog_analysis_score_check',
+             $c$CHECK (score >= 0 AND score <= 100)$c$),
+            ('dialog_analysis_funnel_stage_check',
+             $c$CHECK (funnel_stage IN ('new_lead', 'not_qualified', 'qualified',
+                'consultation_booked', 'consultation_completed', 'deal_closed',
+                'deal_lost'))$c$),
+            ('dialog_analysis_niche_check',
+             $c$CHECK (niche IN ('medicine', 'infobusiness', 'other', 'targetologist'))$c$),
+            ('dialog_analysis_source_check',
+             $c$CHECK (source IN ('auto', 'manual'))$c$)
+        ) AS t(name, definition)
+    LOOP
+        IF NOT EXISTS (
+            SELECT 1 FROM pg_constraint
+            WHERE conrelid = 'dialog_analysis'::regclass AND conname = c.name
+        ) THEN
+            EXECUTE format('ALTER TABLE dialog_analysis ADD CONSTRAINT %I %s NOT VALID',
+                           c.name, c.definition);
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- Validate the CHECK constraints (a scan that does not block writers). A constraint that
+-- older rows break stays NOT VALID: those rows are kept, and new writes are still checked.
+-- @online
+DO $$
+DECLARE
+    c record;
+BEGIN
+    FOR c IN
+        SELECT conname FROM pg_constraint
+        WHERE conrelid = 'dialog_analysis'::regclass AND contype = 'c' AND NOT convalidated
+          AND conname LIKE 'dialog\_analysis\_%\_check'
+    LOOP
+        BEGIN
+            EXECUTE format('ALTER TABLE dialog_analysis VALIDATE CONSTRAINT %I', c.conname);
+        EXCEPTION WHEN check_violation THEN
+            RAISE NOTICE 'constraint % left NOT VALID: older rows do not satisfy it',
+                c.conname;
+        END;
+    END LOOP;
+END
+$$;
+
+-- List order everywhere: score DESC NULLS LAST, last_message DESC NULLS LAST, id DESC.
+-- Written with COALESCE (score is 0-100, so -1 sorts after every score) so that one
+-- row comparison walks these indexes for keyset pagination.
+-- @online
+CREATE INDEX IF NOT EXISTS idx_dialog_analysis_account_order ON dialog_analysis (
+    user_account_id,
+    (COALESCE(score, -1)) DESC,
+    (COALESCE(last_message, '-infinity'::timestamptz)) DESC,
+    id DESC
+);
+
+-- @online
+CREATE INDEX IF NOT EXISTS idx_dialog_analysis_account_instance_order ON dialog_analysis (
+    user_account_id,
+    instance_name,
+    (COALESCE(score, -1)) DESC,
+    (COALESCE(last_message, '-infinity'::timestamptz)) DESC,
+    id DESC
+);
+
+-- @online
+CREATE INDEX IF NOT EXISTS idx_dialog_analysis_account_stage
+    ON dialog_analysis (user_account_id, funnel_stage);
+
+-- @online
+CREATE INDEX IF NOT EXISTS idx_dialog_analysis_account_interest
+    ON dialog_analysis (user_account_id, interest_level);
+
+-- @online
+CREATE INDEX IF NOT EXISTS idx_whatsapp_instances_account
+    ON whatsapp_instances (user_account_id);

@@ -46,6 +46,8 @@ def amqp_url(cluster: Cluster) -> str:
 
 
 def start_consumer(settings: Settings) -> subprocess.Popen[bytes]:
+    # Unlike test_consumer_processes.start_consumer, output is discarded: during a node
+    # loss the processes log warnings that would fill a pipe nobody reads.
     env = settings_env(settings)
     env["LOG_LEVEL"] = "WARNING"
     return subprocess.Popen(

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-llm llm-server demo bench lint typecheck services venv migrate clean
+.PHONY: run test test-llm test-slow llm-server cluster cluster-stop demo bench lint typecheck services venv migrate clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,18 @@ test: venv services llm-server lint typecheck
 # Only the tests against the real local model server (they are part of `make test` too).
 test-llm: venv services llm-server
 	$(BIN)/pytest -q -s tests/test_llm_server.py
+
+# Real-cluster suite (a private 3-node RabbitMQ started and removed by the tests): node
+# loss under load, shard rebalancing across processes. About 2 minutes; not in `make test`.
+test-slow: venv services
+	$(BIN)/pytest -q -m slow
+
+# A private 3-node RabbitMQ cluster on AMQP ports 5681-5683 (see scripts/cluster.sh).
+cluster:
+	@bash scripts/cluster.sh start
+
+cluster-stop:
+	@bash scripts/cluster.sh stop
 
 run: venv services
 	@$(BIN)/python scripts/local_env.py

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 import uuid
 from collections.abc import Iterable
@@ -30,6 +29,10 @@ from aio_pika.abc import (
 )
 from loguru import logger
 
+from consumers.membership import Membership
+from service.broker.assignment import assign
+from service.broker.confirm import BrokerUnavailableError, NackedError, publish_confirmed
+from service.broker.connection import connect_cluster
 from service.broker.envelope import (
     H_ATTEMPT,
     H_ERROR,
@@ -40,9 +43,9 @@ from service.broker.envelope import (
     encode_batch,
     header_int,
     shard_for,
-    shard_routing_key,
 )
-from service.broker.topology import H_RETRY_TIER, Topology
+from service.broker.notifier import Notifier
+from service.broker.topology import Topology
 from service.config import Settings
 from service.context import AppContext
 from service.domain.dialog import DialogMessage, from_unix
@@ -60,6 +63,8 @@ H_HELD = "x-held"  # times an event was held for its contact
 H_HELD_SINCE = "x-held-since"  # Unix time it was first held
 _SHUTDOWN_GRACE = 25.0  # seconds in-flight analyses get to finish on SIGTERM
 _PUBLISH_TIMEOUT = 10.0
+_REBALANCE_EVERY = 1.0  # seconds between checks of the fair share
+_HANDOVER_GRACE = 30.0  # longest a released shard waits for its running analyses
 
 
 @dataclass(eq=False)
@@ -77,16 +82,28 @@ class _Delivery:
 class _Contact:
     instance: str
     phone_jid: str
+    shard: int
     events: dict[str, QueuedEvent] = field(default_factory=dict)
     deliveries: list[_Delivery] = field(default_factory=list)
     first_at: float = 0.0
     timer: asyncio.TimerHandle | None = None
     running: bool = False
     due: bool = False  # the quiet period ended while an analysis was running
+    renotify: bool = False  # a retried or redelivered event: resend a lost lead.hot
 
 
 class ContactConsumer:
-    def __init__(self, ctx: AppContext, topology: Topology | None = None) -> None:
+    """Consumes its fair share of the shard queues (see `_rebalance`) and analyses
+    contacts; any number of these, in any processes, share the shards."""
+
+    def __init__(
+        self,
+        ctx: AppContext,
+        topology: Topology | None = None,
+        *,
+        member: str | None = None,
+        heartbeat: float = 2.0,
+    ) -> None:
         self._ctx = ctx
         self._settings: Settings = ctx.settings
         self._topology = topology or Topology(ctx.settings)
@@ -100,26 +117,42 @@ class ContactConsumer:
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._publish_channel: AbstractChannel | None = None
-        self._queues: list[tuple[AbstractQueue, str]] = []
+        # shard -> (queue, consumer tag) of the shards this process subscribed to
+        self._subscribed: dict[int, tuple[AbstractQueue, str]] = {}
+        self._tags: dict[str, int] = {}  # consumer tag -> shard
+        self._releasing: set[int] = set()
+        # CONSUMER_SHARDS pins a process to a fixed set (then no rebalancing).
+        self._pinned = bool(ctx.settings.consumer_shards.strip())
+        self._membership = (
+            None
+            if self._pinned
+            else Membership(self._topology, member, interval=heartbeat, expiry=3.5 * heartbeat)
+        )
+        self._rebalancer: asyncio.Task[None] | None = None
+        self._notifier = Notifier(self._publish, self._topology)
+        self._renewed_at = -1.0
         self._stopping = False
         self._resolver = ContactResolver(ctx.reader)
         self.analyses_started = 0  # for tests and metrics: pipeline runs begun
         if self._pipeline.on_hot is None:
             self._pipeline.on_hot = self.publish_hot
 
+    @property
+    def shards(self) -> list[int]:
+        """Shards this process consumes now (for tests and logs)."""
+        return sorted(set(self._subscribed) - self._releasing)
+
     # -- lifecycle -------------------------------------------------------------------
     async def start(self, stop: asyncio.Event | None = None) -> None:
-        """Connect (retrying while the broker is down) and start consuming."""
+        """Connect (retrying while no node is reachable) and start consuming."""
         delay = 0.5
         while True:
             try:
-                self._connection = await aio_pika.connect_robust(
-                    self._settings.amqp_url, client_properties={"connection_name": "crm-consume"}
-                )
+                self._connection = await connect_cluster(self._settings, "consume")
                 break
-            except (OSError, aio_pika.exceptions.AMQPError) as exc:
-                # The first connect_robust raises when the broker is down; later drops
-                # are recovered by the robust connection itself.
+            except (OSError, aio_pika.exceptions.AMQPError, TimeoutError) as exc:
+                # The first connect raises when no node answers; later drops are
+                # recovered (on any node) by the robust connection itself.
                 logger.warning("broker unreachable, retrying in {:.1f}s: {}", delay, exc)
                 if stop is not None and stop.is_set():
                     raise
@@ -127,19 +160,21 @@ class ContactConsumer:
                 delay = min(delay * 2, 15.0)
         self._channel = await self._connection.channel()
         await self._channel.set_qos(prefetch_count=self._settings.consumer_prefetch)
-        self._publish_channel = await self._connection.channel(publisher_confirms=True)
+        self._publish_channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
         await self._topology.declare(self._publish_channel)
-        shards = self._settings.consumer_shard_list()
-        # Start at a random shard: processes starting together then tend to become the
-        # active consumer of different shards.
-        offset = random.randrange(len(shards))
-        for shard in shards[offset:] + shards[:offset]:
-            queue = await self._channel.get_queue(self._topology.shard_queue(shard), ensure=True)
-            tag = await queue.consume(self._on_message, no_ack=False)
-            self._queues.append((queue, tag))
+        await self._warn_old_layout()
+        if self._membership is None:
+            for shard in self._settings.consumer_shard_list():
+                await self._subscribe(shard)
+            self._log_share(1)
+        else:
+            await self._membership.start(self._connection)
+            self._rebalancer = asyncio.create_task(self._rebalance())
         logger.info(
-            "consuming {} shard queue(s), debounce {}s, concurrency {}",
-            len(shards),
+            "consumer started: {} shards, debounce {}s, concurrency {}",
+            self._settings.queue_shards,
             self._settings.debounce_seconds,
             self._settings.analysis_concurrency,
         )
@@ -147,10 +182,17 @@ class ContactConsumer:
     async def stop(self) -> None:
         """Stop consuming, let in-flight analyses finish, hand the rest back to the broker."""
         self._stopping = True
-        for queue, tag in self._queues:
+        if self._rebalancer is not None:
+            self._rebalancer.cancel()
+            with contextlib.suppress(BaseException):
+                await self._rebalancer
+        for queue, tag in self._subscribed.values():
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
-        self._queues.clear()
+        self._subscribed.clear()
+        if self._membership is not None:
+            # After the cancels: the others take these shards as soon as they hear it.
+            await self._membership.leave()
         for contact in self._contacts.values():
             if contact.timer is not None:
                 contact.timer.cancel()
@@ -166,6 +208,112 @@ class ContactConsumer:
             with contextlib.suppress(Exception):
                 await self._connection.close()
         self._contacts.clear()
+
+    # -- sharing the shards -----------------------------------------------------------
+    async def _rebalance(self) -> None:
+        """Keep this process on its fair share of the shards as processes come and go.
+
+        Single-active-consumer keeps a shard exclusive at every moment: a process
+        subscribing to a shard that another still consumes waits as a standby until the
+        other cancels. A process only ever cancels voluntarily, after its analyses of
+        that shard are done (`_release`)."""
+        assert self._membership is not None
+        # A newcomer's hello is answered at once: wait for the answers before the first
+        # split, so it does not take every shard for a moment.
+        await asyncio.sleep(1.0)
+        members = 0
+        while not self._stopping:
+            current = self._membership.members()
+            mine = set(assign(current, range(self._settings.queue_shards))[self._membership.me])
+            for shard in sorted(mine - set(self._subscribed)):
+                try:
+                    await self._subscribe(shard)
+                except Exception as exc:  # reconnecting: the next round retries
+                    logger.debug("could not subscribe to shard {}: {}", shard, exc)
+            for shard in sorted(set(self._subscribed) - mine - self._releasing):
+                self._releasing.add(shard)
+                task = asyncio.create_task(self._release(shard))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            if len(current) != members:
+                members = len(current)
+                self._log_share(members)
+            self._membership.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._membership.changed.wait(), _REBALANCE_EVERY)
+
+    def _log_share(self, members: int) -> None:
+        logger.info(
+            "consuming {} of {} shard queues ({} consume processes)",
+            len(self._subscribed) - len(self._releasing),
+            self._settings.queue_shards,
+            members,
+        )
+
+    async def _subscribe(self, shard: int) -> None:
+        assert self._channel is not None
+        # ensure=True (a passive declare): aio-pika restores after a reconnect only the
+        # consumers of queues its robust channel declared (robust_channel.py, `_queues`).
+        queue = await self._channel.get_queue(self._topology.shard_queue(shard), ensure=True)
+        tag = await queue.consume(self._on_message, no_ack=False)
+        self._subscribed[shard] = (queue, tag)
+        self._tags[tag] = shard
+
+    async def _release(self, shard: int) -> None:
+        """Hand a shard to its new owner: finish its running analyses, cancel, return
+        what is held unanalysed (the new owner is a standby until the cancel)."""
+        try:
+            deadline = time.monotonic() + _HANDOVER_GRACE
+            # A short poll: analyses run in tasks shared with the other shards.
+            while time.monotonic() < deadline and any(  # noqa: ASYNC110
+                c.running for c in self._contacts.values() if c.shard == shard
+            ):
+                await asyncio.sleep(0.05)
+            entry = self._subscribed.pop(shard, None)
+            if entry is not None:
+                queue, tag = entry
+                self._tags.pop(tag, None)
+                with contextlib.suppress(Exception):
+                    await queue.cancel(tag)
+            for key, contact in list(self._contacts.items()):
+                if contact.shard != shard or contact.running:
+                    continue
+                if contact.timer is not None:
+                    contact.timer.cancel()
+                for delivery in contact.deliveries:
+                    self._hand_back(delivery)
+                self._contacts.pop(key, None)
+        finally:
+            self._releasing.discard(shard)
+        self._log_share(len(self._membership.members()) if self._membership else 1)
+
+    def _hand_back(self, delivery: _Delivery) -> None:
+        if delivery.settled:
+            return
+        delivery.settled = True
+        task = asyncio.create_task(_nack(delivery.message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _warn_old_layout(self) -> None:
+        """Say so when queues of the first layout still exist (their events wait there)."""
+        assert self._connection is not None
+        channel = await self._connection.channel()
+        try:
+            queue = await channel.declare_queue(self._topology.legacy_shard_queue(0), passive=True)
+        except aio_pika.exceptions.ChannelClosed:
+            return
+        except Exception:
+            return
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        logger.warning(
+            "queues of an older layout exist ({} holds {} messages): run "
+            "`crm-backend topology migrate` to move their events",
+            queue.name,
+            queue.declaration_result.message_count or 0,
+        )
 
     async def idle(self) -> bool:
         """True when nothing is buffered or running (used by tests and the demo)."""
@@ -210,13 +358,16 @@ class ContactConsumer:
             await _ack(message)
             return
         delivery = _Delivery(message=message, parts=len(groups), attempt=attempt)
+        again = attempt > 0 or bool(message.redelivered)
         now = time.monotonic()
         for key, events in groups.items():
             contact = self._contacts.get(key)
             if contact is None:
-                contact = self._contacts[key] = _Contact(key[0], key[1], first_at=now)
+                shard = shard_for(key[0], events[0].contact_key, self._settings.queue_shards)
+                contact = self._contacts[key] = _Contact(key[0], key[1], shard, first_at=now)
             if not contact.events:
                 contact.first_at = now
+            contact.renotify = contact.renotify or again
             for event in events:
                 # A message and its edit or delete are different events.
                 contact.events[event.idempotency_key] = event
@@ -268,10 +419,10 @@ class ContactConsumer:
             for event in events:
                 self._metrics.held_events.labels(_held_kind(event), "dead_lettered").inc()
             return
-        tier = len(self._topology.retry_delays) - 1
+        longest = len(self._topology.retry_delays)  # the n-th attempt uses the last tier
         out = {
             H_ATTEMPT: attempt,
-            H_RETRY_TIER: str(tier),
+            **self._topology.retry_headers(longest),
             H_HELD: was_held + 1,
             H_HELD_SINCE: since,
         }
@@ -287,7 +438,7 @@ class ContactConsumer:
         by_shard: dict[str, list[QueuedEvent]] = {}
         for event in events:
             shard = shard_for(event.instance, event.contact_key, self._settings.queue_shards)
-            by_shard.setdefault(shard_routing_key(shard), []).append(event)
+            by_shard.setdefault(self._topology.shard_key(shard), []).append(event)
         for routing_key, part in by_shard.items():
             out = {
                 **headers,
@@ -310,8 +461,8 @@ class ContactConsumer:
         if contact is None or self._stopping:
             return
         contact.timer = None
-        if contact.running:
-            contact.due = True
+        if contact.running or contact.shard in self._releasing:
+            contact.due = True  # a released shard's events go back unanalysed
             return
         self._launch(key, contact)
 
@@ -320,9 +471,11 @@ class ContactConsumer:
         contact.due = False
         events = list(contact.events.values())
         deliveries = contact.deliveries
+        renotify = contact.renotify
         contact.events = {}
         contact.deliveries = []
-        task = asyncio.create_task(self._process(key, contact, events, deliveries))
+        contact.renotify = False
+        task = asyncio.create_task(self._process(key, contact, events, deliveries, renotify))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -333,6 +486,7 @@ class ContactConsumer:
         contact: _Contact,
         events: list[QueuedEvent],
         deliveries: list[_Delivery],
+        renotify: bool,
     ) -> None:
         instance, phone_jid = key
         phone = phone_jid.split("@", 1)[0]
@@ -340,18 +494,28 @@ class ContactConsumer:
         try:
             async with self._semaphore:
                 self.analyses_started += 1
-                ok = await self._analyze(instance, phone, events, deliveries)
+                ok = await self._analyze(instance, phone, events, deliveries, renotify)
         finally:
             for delivery in deliveries:
                 self._settle(delivery, ok)
             contact.running = False
-            if contact.events and contact.due and not self._stopping:
+            if (
+                contact.events
+                and contact.due
+                and not self._stopping
+                and contact.shard not in self._releasing
+            ):
                 self._launch(key, contact)
             elif not contact.events and contact.timer is None:
                 self._contacts.pop(key, None)
 
     async def _analyze(
-        self, instance: str, phone: str, events: list[QueuedEvent], deliveries: list[_Delivery]
+        self,
+        instance: str,
+        phone: str,
+        events: list[QueuedEvent],
+        deliveries: list[_Delivery],
+        renotify: bool,
     ) -> bool:
         """Run the pipeline; on failure hand the events to the retry path. True = settled."""
         log = logger.bind(instance=instance, contact_hash=contact_hash(phone))
@@ -373,6 +537,7 @@ class ContactConsumer:
                 contact_name=_push_name(events),
                 edits=edits,
                 deleted=deleted,
+                renotify=renotify,
             )
             log.info("contact processed: {}", outcome.outcome, score=outcome.score)
             return True
@@ -397,7 +562,7 @@ class ContactConsumer:
         """Re-publish a contact's events to a delay queue, or to the DLQ when exhausted."""
         if self._publish_channel is None:
             return False
-        routing_key = shard_routing_key(
+        routing_key = self._topology.shard_key(
             shard_for(instance, events[0].contact_key, self._settings.queue_shards)
         )
         headers: dict[str, Any] = {
@@ -414,14 +579,14 @@ class ContactConsumer:
                 self._metrics.dead_lettered.labels("attempts_exhausted").inc(len(events))
                 logger.error("events dead-lettered after {} attempts", attempt, instance=instance)
             else:
-                tier = self._topology.tier_for_attempt(attempt)
-                headers["x-retry-tier"] = str(tier)
+                headers.update(self._topology.retry_headers(attempt))
                 await self._publish(
                     self._topology.retry_exchange, routing_key, encode_batch(events), headers
                 )
                 self._metrics.retries.inc(len(events))
             return True
-        except Exception as exc:  # broker trouble: the deliveries go back to the queue
+        except BrokerUnavailableError as exc:
+            # Not confirmed, or returned unroutable: the deliveries go back to the queue.
             logger.warning("could not schedule retry ({}); returning events to the queue", exc)
             return False
 
@@ -445,31 +610,46 @@ class ContactConsumer:
     async def _publish(
         self, exchange_name: str, routing_key: str, body: bytes, headers: dict[str, Any]
     ) -> None:
-        assert self._publish_channel is not None
-        exchange = await self._publish_channel.get_exchange(exchange_name, ensure=False)
-        await exchange.publish(
-            aio_pika.Message(
-                body,
-                headers=headers,
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            ),
-            routing_key=routing_key,
-            mandatory=True,
-            timeout=_PUBLISH_TIMEOUT,
-        )
+        """Confirmed and routed, or `BrokerUnavailableError` (then nothing is acked)."""
+        if self._publish_channel is None:
+            raise BrokerUnavailableError("not connected")
+        try:
+            async with asyncio.timeout(_PUBLISH_TIMEOUT):
+                await publish_confirmed(
+                    self._publish_channel, exchange_name, routing_key, body, headers
+                )
+        except NackedError:
+            await self._renew_publish_channel()
+            raise
+        except TimeoutError:
+            raise BrokerUnavailableError(
+                f"RabbitMQ did not confirm within {_PUBLISH_TIMEOUT:g}s"
+            ) from None
+
+    async def _renew_publish_channel(self) -> None:
+        """A new channel after a nack: the broker's state for the old one may refuse every
+        later publish (see confirm.NackedError)."""
+        now = time.monotonic()
+        if self._connection is None or now < self._renewed_at + 1.0:
+            return
+        self._renewed_at = now
+        old = self._publish_channel
+        try:
+            self._publish_channel = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+        except Exception as exc:
+            logger.debug("could not open a new channel: {}", exc)
+            return
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.close()
 
     async def publish_hot(self, lead: HotLead) -> None:
-        """`lead.hot` on the events exchange; a few quick tries, never fails the analysis."""
-        body = msgspec.json.encode(lead)
-        for attempt in range(3):
-            try:
-                await self._publish(self._topology.events_exchange, "lead.hot", body, {})
-                self._metrics.hot_leads.inc()
-                return
-            except Exception as exc:
-                logger.warning("lead.hot publish failed (try {}): {}", attempt + 1, exc)
-                await asyncio.sleep(0.5 * (attempt + 1))
+        """`lead.hot`, at least once: raises when it cannot be stored (the analysis then
+        counts as failed, and its retry sends the notification again)."""
+        await self._notifier.send("lead.hot", msgspec.json.encode(lead))
+        self._metrics.hot_leads.inc()
 
     def _settle(self, delivery: _Delivery, ok: bool) -> None:
         if delivery.settled:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-import aio_pika
 import msgspec
 from aio_pika.abc import AbstractIncomingMessage
 
+from service.broker.confirm import publish_confirmed
+from service.broker.connection import connect_once
 from service.broker.envelope import (
     H_ATTEMPT,
     H_ERROR,
@@ -16,7 +17,6 @@ from service.broker.envelope import (
     decode_batch,
     header_int,
     shard_for,
-    shard_routing_key,
 )
 from service.broker.topology import Topology
 from service.config import Settings
@@ -82,7 +82,7 @@ async def list_dead(settings: Settings, limit: int = 100) -> tuple[int, list[Dea
     """(queue depth, the first `limit` dead letters); nothing is removed."""
     topology = Topology(settings)
     key = contact_hash_key(settings)
-    connection = await aio_pika.connect(settings.amqp_url)
+    connection = await connect_once(settings, "dlq")
     held: list[AbstractIncomingMessage] = []
     try:
         channel = await connection.channel()
@@ -106,7 +106,7 @@ async def list_dead(settings: Settings, limit: int = 100) -> tuple[int, list[Dea
 
 async def dead_letter_depth(settings: Settings) -> int:
     topology = Topology(settings)
-    connection = await aio_pika.connect(settings.amqp_url)
+    connection = await connect_once(settings, "dlq")
     try:
         channel = await connection.channel()
         await topology.declare(channel)
@@ -121,13 +121,12 @@ async def replay_dead(settings: Settings, limit: int | None = None) -> ReplayRes
     """Re-queue dead letters for analysis (attempts reset); undecodable ones stay."""
     topology = Topology(settings)
     result = ReplayResult()
-    connection = await aio_pika.connect(settings.amqp_url)
+    connection = await connect_once(settings, "dlq")
     kept: list[AbstractIncomingMessage] = []
     try:
-        channel = await connection.channel(publisher_confirms=True)
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await topology.declare(channel)
         queue = await channel.get_queue(topology.dead_queue, ensure=True)
-        intake = await channel.get_exchange(topology.intake_exchange, ensure=False)
         while limit is None or result.replayed < limit:
             message = await queue.get(no_ack=False, fail=False)
             if message is None:
@@ -142,19 +141,15 @@ async def replay_dead(settings: Settings, limit: int | None = None) -> ReplayRes
             for event in batch.events:
                 shard = shard_for(event.instance, event.contact_key, settings.queue_shards)
                 by_shard.setdefault(shard, []).append(event)
+            # Each part confirmed and routed before the dead letter is acked: a failure
+            # leaves it in the DLQ (a part already sent is then analysed twice at most).
             for shard, events in by_shard.items():
-                await intake.publish(
-                    aio_pika.Message(
-                        msgspec.json.encode({"v": batch.v, "events": events}),
-                        headers={
-                            H_ATTEMPT: 0,
-                            H_IDEMPOTENCY_KEYS: [e.idempotency_key for e in events],
-                        },
-                        content_type="application/json",
-                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    ),
-                    routing_key=shard_routing_key(shard),
-                    mandatory=True,
+                await publish_confirmed(
+                    channel,
+                    topology.intake_exchange,
+                    topology.shard_key(shard),
+                    msgspec.json.encode({"v": batch.v, "events": events}),
+                    {H_ATTEMPT: 0, H_IDEMPOTENCY_KEYS: [e.idempotency_key for e in events]},
                 )
             await message.ack()
             result.replayed += 1

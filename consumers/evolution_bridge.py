@@ -21,6 +21,7 @@ from aio_pika.abc import (
 )
 from loguru import logger
 
+from service.broker.connection import connect_cluster
 from service.broker.envelope import H_ERROR, H_ORIGINAL_ROUTING_KEY
 from service.broker.publisher import BrokerUnavailableError, EventPublisher
 from service.broker.topology import Topology
@@ -55,12 +56,9 @@ class EvolutionBridge:
         delay = 0.5
         while True:
             try:
-                self._connection = await aio_pika.connect_robust(
-                    self._settings.amqp_url,
-                    client_properties={"connection_name": "crm-evolution-bridge"},
-                )
+                self._connection = await connect_cluster(self._settings, "evolution-bridge")
                 break
-            except (OSError, aio_pika.exceptions.AMQPError) as exc:
+            except (OSError, aio_pika.exceptions.AMQPError, TimeoutError) as exc:
                 # Only the first connect raises; later drops are recovered by aio-pika.
                 logger.warning("broker unreachable, retrying in {:.1f}s: {}", delay, exc)
                 if stop is not None and stop.is_set():

@@ -57,11 +57,10 @@ async def _refresh_dlq_depth(request: web.Request) -> None:
 
 async def dead_queue_depth(settings: Settings) -> int:
     """Messages in the dead-letter queue (passive declare: nothing is created)."""
-    import aio_pika
-
+    from service.broker.connection import connect_once
     from service.broker.topology import Topology
 
-    connection = await aio_pika.connect(settings.amqp_url, timeout=DLQ_TIMEOUT)
+    connection = await connect_once(settings, "ready", timeout=DLQ_TIMEOUT)
     try:
         channel = await connection.channel()
         queue = await channel.declare_queue(Topology(settings).dead_queue, passive=True)

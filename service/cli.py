@@ -125,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     replay = dsub.add_parser("replay")
     replay.add_argument("--limit", type=_positive)
 
+    topology = sub.add_parser("topology", help="RabbitMQ queue layout")
+    tsub = topology.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    tmigrate = tsub.add_parser(
+        "migrate", help="move the events of an older queue layout into the current one"
+    )
+    tmigrate.add_argument(
+        "--from-shards", type=_positive, help="the QUEUE_SHARDS the old shard queues had"
+    )
+
     index = sub.add_parser(
         "evolution-index", help="print (or --apply) the index for fast per-contact reads"
     )
@@ -312,6 +321,24 @@ async def _cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     result = await replay_dead(settings, args.limit)
     print(msgspec.json.encode(result).decode())
+    return 0
+
+
+async def _cmd_topology(settings: Settings, args: argparse.Namespace) -> int:
+    from service.broker.migrate import migrate_topology
+
+    try:
+        report = await migrate_topology(settings, args.from_shards)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(msgspec.json.encode(report).decode())
+    if not report.complete:
+        print(
+            "some old queues still hold messages (a consumer of the old version holds "
+            "them?): stop it and run this again",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -597,6 +624,7 @@ _COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], Coroutine[Any, Any
     "instances": _cmd_instances,
     "keys": _cmd_keys,
     "dlq": _cmd_dlq,
+    "topology": _cmd_topology,
     "evolution-index": _cmd_index,
     "demo": _cmd_demo,
     "eval": _cmd_eval,

@@ -84,13 +84,15 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     supabase_service_key: str | None = None
     results_database_url: str = "postgresql:///crm"
 
+    # One node, or a cluster: `amqp://u:p@h1,h2,h3/` or comma-separated URLs.
     amqp_url: str = "amqp://guest:guest@localhost:5672/"
     # Prefix of every exchange and queue this service declares (several deployments can
     # share one broker).
     amqp_prefix: str = "crm"
-    # Number of contact shards (one single-active-consumer queue each). Changing it
-    # re-routes contacts: drain the queues first.
-    queue_shards: int = 8
+    # Number of contact shards (one single-active-consumer queue each): the most
+    # `consume` processes that share the work. Changing it declares new queues; move
+    # what the old ones hold with `crm-backend topology migrate --from-shards OLD`.
+    queue_shards: int = 32
     # Shards this process consumes ("" = all; e.g. "0-3,6"). Each shard queue has a single
     # active consumer, so overlapping assignments stay safe (the others are standbys).
     consumer_shards: str = ""
@@ -202,8 +204,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             raise ConfigError("SUPABASE_URL and SUPABASE_SERVICE_KEY must be set together")
         if self.supabase_url and not self.supabase_url.startswith(("http://", "https://")):
             raise ConfigError("SUPABASE_URL must be an http(s) URL such as https://xyz.supabase.co")
-        if not self.amqp_url.startswith(("amqp://", "amqps://")):
-            raise ConfigError("AMQP_URL must be an amqp:// or amqps:// URL")
+        try:
+            self.amqp_node_urls()
+        except ValueError as exc:
+            raise ConfigError(f"AMQP_URL {exc}") from None
         for name, url in (
             ("RESULTS_DATABASE_URL", self.results_database_url),
             ("EVOLUTION_DATABASE_URL", self.evolution_database_url),
@@ -280,6 +284,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         if not delays or any(d <= 0 for d in delays):
             raise ValueError("bad retry delays")
         return delays
+
+    def amqp_node_urls(self) -> list[str]:
+        from service.broker.urls import node_urls
+
+        return node_urls(self.amqp_url)
 
     def consumer_shard_list(self) -> list[int]:
         if not self.consumer_shards.strip():

@@ -103,6 +103,7 @@ class Pipeline:
         force: bool = False,
         edits: Mapping[str, str] | None = None,
         deleted: AbstractSet[str] = frozenset(),
+        renotify: bool = False,
     ) -> ContactOutcome:
         """Bring one contact's stored lead up to date with its dialog.
 
@@ -149,6 +150,10 @@ class Pipeline:
 
         enough = dialog.incoming_count >= threshold
         if not force and state is not None and _is_current(state, dialog.last_message_id, enough):
+            if renotify and state.interest_level == "hot":
+                # A retried or redelivered run: the stored result may be the one whose
+                # `lead.hot` was never confirmed, so it goes out again (at least once).
+                await self._renotify(account, instance, phone, state)
             return self._done("unchanged", instance, phone, state=state)
 
         if force and state is not None:
@@ -214,6 +219,26 @@ class Pipeline:
             analyzer=analysis.analyzer,
             became_hot=became_hot,
             lead_id=result.id,
+        )
+
+    async def _renotify(
+        self, account: uuid.UUID, instance: str, phone: str, state: StoredState
+    ) -> None:
+        if self.on_hot is None:
+            return
+        row = await self._store.get_lead(account, state.id)
+        if row is None or row.interest_level != "hot":
+            return
+        await self.on_hot(
+            HotLead(
+                account=account,
+                instance=instance,
+                contact=phone,
+                contact_name=row.contact_name,
+                score=row.score or 0,
+                summary=row.reasoning or "",
+                lead_id=row.id,
+            )
         )
 
     async def _stored_dialog(

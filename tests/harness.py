@@ -17,12 +17,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import aio_pika
 import asyncpg
 import msgspec
 from aiohttp.test_utils import TestClient, TestServer
 
 from service.app import app_context
+from service.broker.connection import connect_once
 from service.config import Settings, load_settings
 from service.context import AppContext
 from service.stores.base import LeadRow
@@ -201,7 +201,7 @@ async def queue_depth(settings: Settings, include_unacked: bool = True) -> int:
     from service.broker.topology import Topology
 
     topology = Topology(settings)
-    connection = await aio_pika.connect(settings.amqp_url)
+    connection = await connect_once(settings, "test")
     try:
         channel = await connection.channel()
         total = 0
@@ -216,7 +216,7 @@ async def queue_depth(settings: Settings, include_unacked: bool = True) -> int:
 async def declare_topology(settings: Settings) -> None:
     from service.broker.topology import Topology
 
-    connection = await aio_pika.connect(settings.amqp_url)
+    connection = await connect_once(settings, "test")
     try:
         await Topology(settings).declare(await connection.channel())
     finally:
@@ -228,7 +228,7 @@ async def delete_topology(settings: Settings) -> None:
     from service.broker.topology import Topology
 
     topology = Topology(settings)
-    connection = await aio_pika.connect(settings.amqp_url)
+    connection = await connect_once(settings, "test")
     try:
         channel = await connection.channel()
         for name in topology.all_queues():

@@ -166,6 +166,18 @@ async def test_unmapped_instance_is_skipped_not_lost(settings: Settings) -> None
         assert analyzer.calls == []
 
 
+# A dialog the rules analyzer scores hot (medicine, owner, budget, consultation booked).
+HOT_DIALOG = [
+    (False, "Здравствуйте, у меня стоматологическая клиника"),
+    (True, "Вы владелец?"),
+    (False, "Да, я владелец клиники"),
+    (True, "Какой бюджет на рекламу?"),
+    (False, "Около 500 тыс тенге в месяц"),
+    (True, "Записал вас на консультацию завтра в 15:00"),
+    (False, "Да, договорились, завтра в 15:00"),
+]
+
+
 async def test_lead_hot_published_once(settings: Settings, amqp_url: str) -> None:
     analyzer = CountingAnalyzer()
     phone = "77010000005"
@@ -179,16 +191,7 @@ async def test_lead_hot_published_once(settings: Settings, amqp_url: str) -> Non
         events = await channel.get_exchange(topology.events_exchange)
         queue = await channel.declare_queue("", exclusive=True)
         await queue.bind(events, "lead.#")
-        dialog = [
-            (False, "Здравствуйте, у меня стоматологическая клиника"),
-            (True, "Вы владелец?"),
-            (False, "Да, я владелец клиники"),
-            (True, "Какой бюджет на рекламу?"),
-            (False, "Около 500 тыс тенге в месяц"),
-            (True, "Записал вас на консультацию завтра в 15:00"),
-            (False, "Да, договорились, завтра в 15:00"),
-        ]
-        for i, (from_me, text) in enumerate(dialog):
+        for i, (from_me, text) in enumerate(HOT_DIALOG):
             await svc.send(message_body(phone, text, from_me=from_me, ts=t0 + i * 60))
         row = await svc.wait_row(phone, lambda r: r.interest_level == "hot")
         await svc.wait_idle()
@@ -269,7 +272,7 @@ async def test_poison_message_goes_straight_to_dlq(settings: Settings) -> None:
         exchange = await channel.get_exchange(topology.intake_exchange)
         await exchange.publish(
             aio_pika.Message(b"\x00not json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-            routing_key="shard.0",
+            routing_key=topology.shard_key(0),
         )
         await connection.close()
 

@@ -149,40 +149,6 @@ async def test_sigterm_returns_held_events(settings: Settings) -> None:
         stop_process(proc, signal.SIGKILL)
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
-
-
-async def test_broker_restart_503_then_resume(settings: Settings) -> None:
-    analyzer = CountingAnalyzer()
-    phone = "77023000001"
-    t0 = int(time.time()) - 900
-    async with running_service(settings, analyzer=analyzer) as svc:
-        assert await svc.send(message_body(phone, "Здравствуйте, у нас клиника", ts=t0)) == 200
-        await svc.wait_row(phone)
-        _rabbitmqctl("stop_app")
-        try:
-            status = await svc.send(
-                message_body(phone, "Я владелец клиники", ts=t0 + 60, msg_id="RETRYSAME01")
-            )
-            assert status == 503
-        finally:
-            _rabbitmqctl("start_app")
-            _rabbitmqctl("await_startup")
-
-        async def accepted() -> bool:
-            body = message_body(phone, "Я владелец клиники", ts=t0 + 60, msg_id="RETRYSAME01")
-            return await svc.send(body) == 200
-
-        # Evolution retries the refused webhook; intake recovers without a restart.
-        await svc.wait_for(accepted, timeout=60, what="intake accepting again")
-        assert await svc.send(message_body(phone, "Бюджет 500 тыс тенге", ts=t0 + 120)) == 200
-        row = await svc.wait_row(
-            phone, lambda r: r.incoming_count == 3 and r.analyzer is not None, timeout=60
-        )
-        assert row.budget_stated is True
-
-
 async def test_two_consumer_processes_storm(settings: Settings) -> None:
     """Two processes, 20 contacts, events in random order: every contact analysed, never
     two analyses of one contact at once, rows end on the newest message."""

@@ -27,7 +27,7 @@ from service.broker.envelope import (
     shard_for,
 )
 from service.broker.publisher import BrokerUnavailableError, EventPublisher
-from service.broker.topology import DELIVERY_LIMIT, H_RETRY_TIER, Topology
+from service.broker.topology import DELIVERY_LIMIT, H_RETRY_DELAY, Topology
 from service.config import Settings, load_settings
 from tests.harness import delete_topology
 
@@ -223,11 +223,14 @@ async def test_topology_names_and_tiers(settings: Settings) -> None:
     assert topology.dlx_exchange == f"{p}.dlx"
     assert topology.events_exchange == f"{p}.events"
     assert topology.dead_queue == f"{p}.dead"
-    assert topology.shard_queue(3) == f"{p}.contacts.3"
-    assert topology.retry_queue(1) == f"{p}.retry.1"
+    assert topology.shard_queue(3) == f"{p}.contacts.3-of-4"
+    assert topology.shard_key(3) == "shard.3-of-4"
+    assert topology.retry_queue(1) == f"{p}.retry.400ms"
+    assert topology.notification_queue == f"{p}.notifications"
     assert [topology.tier_for_attempt(a) for a in (0, 1, 2, 3, 9)] == [0, 0, 1, 1, 1]
+    assert topology.retry_headers(2) == {H_RETRY_DELAY: "400"}
     assert topology.retry_arguments(1)["x-message-ttl"] == 400
-    assert len(topology.all_queues()) == 4 + 2 + 2
+    assert len(topology.all_queues()) == 4 + 2 + 3
 
 
 async def test_topology_declares_contract_arguments(settings: Settings) -> None:
@@ -249,6 +252,7 @@ async def test_topology_declares_contract_arguments(settings: Settings) -> None:
             "x-dead-letter-exchange": "elsewhere",
             "x-dead-letter-strategy": "at-most-once",
             "x-overflow": "drop-head",
+            "x-queue-leader-locator": "client-local",
         }
         for name, value in changes.items():
             channel = await connection.channel()
@@ -256,13 +260,22 @@ async def test_topology_declares_contract_arguments(settings: Settings) -> None:
                 await channel.declare_queue(
                     topology.shard_queue(1), durable=True, arguments={**expected, name: value}
                 )
-        channel = await connection.channel()
-        with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed):
-            await channel.declare_queue(
-                topology.retry_queue(0),
-                durable=True,
-                arguments={**topology.retry_arguments(0), "x-message-ttl": 999},
-            )
+        # Retry queues are replicated (quorum), dead-letter at least once, spread leaders.
+        retry = topology.retry_arguments(0)
+        assert retry["x-queue-type"] == "quorum"
+        retry_changes: dict[str, Any] = {
+            "x-message-ttl": 999,
+            "x-queue-type": "classic",
+            "x-dead-letter-strategy": "at-most-once",
+            "x-overflow": "drop-head",
+            "x-queue-leader-locator": "client-local",
+        }
+        for name, value in retry_changes.items():
+            channel = await connection.channel()
+            with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed):
+                await channel.declare_queue(
+                    topology.retry_queue(0), durable=True, arguments={**retry, name: value}
+                )
     finally:
         await connection.close()
 
@@ -276,8 +289,8 @@ async def test_retry_tier_returns_message_to_its_shard(settings: Settings) -> No
         retry = await channel.get_exchange(topology.retry_exchange)
         started = time.monotonic()
         await retry.publish(
-            aio_pika.Message(b'{"v":1,"events":[]}', headers={H_RETRY_TIER: "1"}),
-            routing_key="shard.2",
+            aio_pika.Message(b'{"v":1,"events":[]}', headers=topology.retry_headers(2)),
+            routing_key=topology.shard_key(2),
         )
         while time.monotonic() - started < 5:
             if await queued_count(settings, topology.shard_queue(2)):
@@ -287,7 +300,7 @@ async def test_retry_tier_returns_message_to_its_shard(settings: Settings) -> No
         await asyncio.sleep(0.3)  # a copy through tier 0 as well would be back by now
         messages = await take_all(channel, topology.shard_queue(2))
         assert len(messages) == 1, f"{len(messages)} copies came back to shard 2"
-        assert messages[0].routing_key == "shard.2"
+        assert messages[0].routing_key == topology.shard_key(2)
         for other in (0, 1, 3):
             assert await queued_count(settings, topology.shard_queue(other)) == 0
     finally:
@@ -301,7 +314,7 @@ async def test_rejected_shard_message_is_dead_lettered(settings: Settings) -> No
         channel = await connection.channel(publisher_confirms=True)
         await topology.declare(channel)
         intake = await channel.get_exchange(topology.intake_exchange)
-        await intake.publish(aio_pika.Message(b"poison"), routing_key="shard.0")
+        await intake.publish(aio_pika.Message(b"poison"), routing_key=topology.shard_key(0))
         received: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         shard0 = await channel.get_queue(topology.shard_queue(0))
         await shard0.consume(received.put, no_ack=False)

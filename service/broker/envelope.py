@@ -61,8 +61,11 @@ def shard_for(instance: str, contact_key: str, shards: int) -> int:
     return zlib.crc32(f"{instance}\x00{contact_key}".encode()) % shards
 
 
-def shard_routing_key(shard: int) -> str:
-    return f"shard.{shard}"
+def shard_routing_key(shard: int, shards: int) -> str:
+    """`shard.<i>-of-<n>`: the shard count is part of the key, so messages routed under
+    another QUEUE_SHARDS (e.g. waiting in a retry queue) return to the queues of that
+    layout instead of a shard that is not their contact's."""
+    return f"shard.{shard}-of-{shards}"
 
 
 def header_int(value: object) -> int:

@@ -10,10 +10,10 @@ under load (the previous flush carried several requests) a flush waits `linger` 
 first, which makes batches larger and AMQP messages per request fewer: each confirmed
 message costs the client and the broker far more CPU than an event inside it.
 
-The connection is robust (re-established and its channel restored by aio-pika after a
-drop), but the very first connect raises when the broker is down: then every publish
-fails fast with `BrokerUnavailableError` and a new attempt is made at most once per
-`retry_interval`.
+The connection goes to any live node of AMQP_URL and fails over to another on loss
+(service/broker/connection.py; aio-pika restores the channel). While no node answers,
+every publish fails at once with `BrokerUnavailableError` (intake answers 503) and a new
+connect is tried at most once per `retry_interval`.
 """
 
 from __future__ import annotations
@@ -25,26 +25,25 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import aio_pika
 import msgspec
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
-from aiormq.exceptions import DeliveryError, PublishError
 from loguru import logger
-from pamqp.commands import Basic
 
+from service.broker.confirm import BrokerUnavailableError, NackedError, publish_confirmed
+from service.broker.connection import MultiNodeConnection, connect_cluster
 from service.broker.envelope import (
     H_ATTEMPT,
     H_IDEMPOTENCY_KEYS,
     QueuedEvent,
     encode_batch,
     shard_for,
-    shard_routing_key,
 )
 from service.broker.topology import Topology
 from service.config import Settings
 
+__all__ = ["BrokerUnavailableError", "EventPublisher", "PublishStats"]
+
 _event_encoder = msgspec.json.Encoder()
-_PERSISTENT = 2  # AMQP delivery mode: written to disk by the broker
 # An EventBatch is assembled from events encoded once (their sizes decide the chunks):
 # `{"v":1,"events":[` + events joined by "," + `]}`, exactly what encode_batch writes.
 _BATCH_HEAD = encode_batch([]).removesuffix(b"]}")
@@ -52,10 +51,6 @@ _BATCH_TAIL = b"]}"
 _ENVELOPE_BYTES = len(_BATCH_HEAD) + len(_BATCH_TAIL)
 # A flush that carried this many requests means the service is busy (see `linger`).
 _BUSY_BATCH = 8
-
-
-class BrokerUnavailableError(Exception):
-    """The broker did not take the message: down, nacked, unroutable or too slow."""
 
 
 @dataclass
@@ -99,7 +94,7 @@ class EventPublisher:
         max_in_flight: int = 2,
         linger: float = 0.002,
         retry_interval: float = 1.0,
-        connection_name: str = "crm-intake",
+        connection_role: str = "intake",
     ) -> None:
         self._settings = settings
         self._topology = topology or Topology(settings)
@@ -109,12 +104,14 @@ class EventPublisher:
         self._max_flush_events = max_flush_events
         self._max_in_flight = max_in_flight
         self._retry_interval = retry_interval
-        self._connection_name = connection_name
+        self._connection_role = connection_role
         # Strong references: aio-pika restores only channels somebody still holds.
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._connecting: asyncio.Task[AbstractRobustChannel] | None = None
         self._retry_at = 0.0
+        self._renewing: asyncio.Task[None] | None = None
+        self._renewed_at = -1.0
         self._last_error = "RabbitMQ not connected yet"
         self._healthy = True
         self._waiting: deque[_Request] = deque()
@@ -321,7 +318,7 @@ class EventPublisher:
         message_id = chunk.events[0].idempotency_key if len(chunk.events) == 1 else None
         await self._confirmed(
             self._topology.intake_exchange,
-            shard_routing_key(chunk.shard),
+            self._topology.shard_key(chunk.shard),
             _BATCH_HEAD + b",".join(chunk.parts) + _BATCH_TAIL,
             headers,
             message_id,
@@ -342,48 +339,46 @@ class EventPublisher:
             self._pending_ids.add(message_id)
         try:
             channel = await self._ready_channel()
-            # Straight to aiormq's channel (the one aio-pika wraps): aio-pika's Message and
-            # Exchange layers cost more CPU per publish than the frames themselves.
-            underlay = await channel.get_underlay_channel()
-            result = await underlay.basic_publish(
-                body,
-                exchange=exchange_name,
-                routing_key=routing_key,
-                properties=Basic.Properties(
-                    content_type="application/json",
-                    delivery_mode=_PERSISTENT,
-                    headers=headers,
-                    message_id=message_id,
-                ),
-                mandatory=True,
+            await publish_confirmed(
+                channel, exchange_name, routing_key, body, headers, message_id=message_id
             )
         except BrokerUnavailableError as exc:
             self._note_failure(str(exc))
+            if isinstance(exc, NackedError):
+                self._renew_channel()
             raise
-        except PublishError as exc:
-            self._note_failure(f"unroutable: {exchange_name} {routing_key}")
-            raise BrokerUnavailableError(
-                f"message returned unroutable by {exchange_name!r} (routing key "
-                f"{routing_key!r}): is the topology declared? ({exc})"
-            ) from None
-        except DeliveryError as exc:
-            self._note_failure("nacked")
-            raise BrokerUnavailableError(f"RabbitMQ refused the message (nack): {exc}") from None
-        except Exception as exc:
-            self._note_failure(f"{type(exc).__name__}: {exc}")
-            raise BrokerUnavailableError(
-                f"RabbitMQ connection lost ({type(exc).__name__}: {exc})"
-            ) from None
         finally:
             if message_id is not None:
                 self._pending_ids.discard(message_id)
-        if not isinstance(result, Basic.Ack):
-            # A return (not an exception) when the channel does not raise on returns.
-            self._note_failure("unroutable")
-            raise BrokerUnavailableError(f"message returned unroutable by {exchange_name!r}")
         if not self._healthy:
             self._healthy = True
             logger.info("RabbitMQ publishing recovered")
+
+    def _renew_channel(self) -> None:
+        """Replace the channel after a nack (at most once a second): the broker's state
+        for it may refuse every later publish (see confirm.NackedError)."""
+        loop = asyncio.get_running_loop()
+        if self._renewing is not None or loop.time() < self._renewed_at + 1.0:
+            return
+        self._renewed_at = loop.time()
+        self._renewing = asyncio.create_task(self._renew(), context=contextvars.Context())
+
+    async def _renew(self) -> None:
+        try:
+            old, connection = self._channel, self._connection
+            if connection is None or self._closed:
+                return
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            assert isinstance(channel, AbstractRobustChannel)
+            self._channel = channel
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await old.close()
+            logger.info("RabbitMQ refused publishes: publishing on a new channel")
+        except Exception as exc:
+            logger.debug("could not open a new channel: {}", exc)
+        finally:
+            self._renewing = None
 
     def _timed_out(self) -> BrokerUnavailableError:
         self._note_failure(f"no confirm within {self._timeout:g}s")
@@ -401,12 +396,22 @@ class EventPublisher:
         channel = self._channel
         if channel is None:
             channel = await self._connect()
+        elif isinstance(self._connection, MultiNodeConnection) and self._connection.unreachable:
+            # Every node refused since the connection was lost: answer at once (intake
+            # turns this into 503, which Evolution retries) instead of holding the
+            # request for the whole publish timeout. A drop with a live node left is
+            # bridged: the wait below lasts one reconnect.
+            raise BrokerUnavailableError("no RabbitMQ node reachable; reconnecting")
         # After a drop the robust connection restores the channel in the background.
         await channel.ready()
         return channel
 
     async def _connect(self) -> AbstractRobustChannel:
         loop = asyncio.get_running_loop()
+        if self._connecting is not None and self._retry_at:
+            # A connect is under way after a failed one: no node answered a moment ago,
+            # so this request does not wait for the attempt.
+            raise BrokerUnavailableError(self._last_error)
         if self._connecting is None:
             if self._closed:
                 raise BrokerUnavailableError("publisher is closed")
@@ -426,9 +431,9 @@ class EventPublisher:
     async def _open(self) -> AbstractRobustChannel:
         connection: AbstractRobustConnection | None = None
         try:
-            connection = await aio_pika.connect_robust(
-                self._settings.amqp_url,
-                client_properties={"connection_name": self._connection_name},
+            connection = await connect_cluster(
+                self._settings,
+                self._connection_role,
                 timeout=self._timeout,
                 reconnect_interval=self._retry_interval,
             )
@@ -445,6 +450,7 @@ class EventPublisher:
             raise BrokerUnavailableError(self._last_error) from exc
         self._connection = connection
         self._channel = channel
+        self._retry_at = 0.0
         self._healthy = True
         logger.info("connected to RabbitMQ for publishing")
         return channel

@@ -1,0 +1,88 @@
+"""Per-analysis costs of a consume process: no reset round trip per statement, no log line
+per model request, database connections open before the first burst."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+from loguru import logger
+
+from service.app import app_context
+from service.config import load_settings
+from service.logs import setup_logging
+from service.stores.postgres import PostgresStore
+from tests.conftest import pg_dsn
+
+
+async def test_a_released_store_connection_gets_no_reset_query(results_dsn: str) -> None:
+    # asyncpg's default release sends `... RESET ALL` (pool.py, PoolConnectionHolder.release):
+    # a session setting would not survive it. One connection: the second acquire gets the
+    # same one back, with its session as it was.
+    store = await PostgresStore.open(results_dsn, min_size=1, max_size=1)
+    try:
+        pool: asyncpg.Pool[Any] = store._pool
+        async with pool.acquire() as conn:
+            await conn.execute("SET application_name = 'kept-session'")
+        await store.ping()  # a store call acquires and releases it too
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SHOW application_name") == "kept-session"
+    finally:
+        await store.close()
+
+
+async def test_an_open_transaction_is_still_rolled_back_on_release(results_dsn: str) -> None:
+    store = await PostgresStore.open(results_dsn, min_size=1, max_size=1)
+    try:
+        pool: asyncpg.Pool[Any] = store._pool
+        async with pool.acquire() as conn:
+            await conn.execute("BEGIN; CREATE TABLE left_open (x int)")
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT to_regclass('left_open')") is None
+    finally:
+        await store.close()
+
+
+def test_openai_http_client_logs_no_line_per_request(capsys: pytest.CaptureFixture[str]) -> None:
+    # openai's client is httpx2, which logs every request at INFO on the stdlib logger
+    # "httpx2" (httpx2/_client.py: `logger.info('HTTP Request: ...')`).
+    setup_logging(load_settings({"LOG_LEVEL": "INFO", "LOG_FORMAT": "json"}, dotenv=None))
+    try:
+        logging.getLogger("httpx2").info('HTTP Request: POST http://x/v1 "HTTP/1.1 200 OK"')
+        logging.getLogger("httpcore2.http11").info("send_request_headers.complete")
+        logger.info("still logged")
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert [msgspec.json.decode(line)["message"] for line in lines] == ["still logged"]
+    finally:
+        logger.remove()
+        logger.add(sys.stderr, level="WARNING")
+
+
+async def _connections(database: str) -> int:
+    conn = await asyncpg.connect(pg_dsn("postgres"))
+    try:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            database,
+        )
+        return count
+    finally:
+        await conn.close()
+
+
+async def test_a_consume_process_opens_a_connection_per_analysis_at_start(
+    service_settings: Any,
+) -> None:
+    settings = msgspec.structs.replace(service_settings, analysis_concurrency=5)
+    results_db = settings.results_database_url.rsplit("/", 1)[1]
+    evolution_db = settings.evolution_url().dsn.rsplit("/", 1)[1].split("?")[0]
+    async with app_context(settings, analyzer=False, warm=True):
+        assert await _connections(results_db) == 5
+        assert await _connections(evolution_db) == 5
+    async with app_context(settings, analyzer=False):
+        assert await _connections(results_db) == 1
+        assert await _connections(evolution_db) == 1

@@ -86,3 +86,46 @@ async def test_a_consume_process_opens_a_connection_per_analysis_at_start(
     async with app_context(settings, analyzer=False):
         assert await _connections(results_db) == 1
         assert await _connections(evolution_db) == 1
+
+
+class _Timed:
+    """Wraps a real adapter; records when each named read starts and ends."""
+
+    def __init__(self, inner: Any, name: str, log: list[str]) -> None:
+        self._inner, self._name, self._log = inner, name, log
+
+    def __getattr__(self, attr: str) -> Any:
+        method = getattr(self._inner, attr)
+        if attr not in ("get_state", "dialog"):
+            return method
+
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            self._log.append(f"{attr} start")
+            try:
+                return await method(*args, **kwargs)
+            finally:
+                self._log.append(f"{attr} end")
+
+        return timed
+
+
+async def test_an_event_reads_stored_state_and_dialog_at_once(
+    service_settings: Any, account: Any
+) -> None:
+    from service.pipeline import Pipeline
+    from tests.harness import INSTANCE
+
+    log: list[str] = []
+    async with app_context(service_settings, analyzer=True) as ctx:
+        assert ctx.reader is not None and ctx.store is not None and ctx.analyzer is not None
+        pipeline = Pipeline(
+            service_settings,
+            _Timed(ctx.reader, "reader", log),
+            _Timed(ctx.store, "store", log),
+            ctx.analyzer,
+            ctx.metrics,
+        )
+        outcome = await pipeline.analyze_contact(INSTANCE, "77010000001", account)
+    assert outcome.outcome == "no_messages"
+    # Both started before either ended: the second read did not wait for the first.
+    assert log[:2] == ["get_state start", "dialog start"], log

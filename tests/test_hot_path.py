@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -19,32 +20,36 @@ from service.stores.postgres import PostgresStore
 from tests.conftest import pg_dsn
 
 
-async def test_a_released_store_connection_gets_no_reset_query(results_dsn: str) -> None:
-    # asyncpg's default release sends `... RESET ALL` (pool.py, PoolConnectionHolder.release):
-    # a session setting would not survive it. One connection: the second acquire gets the
-    # same one back, with its session as it was.
+@pytest.fixture
+async def one_connection(results_dsn: str) -> AsyncIterator[tuple[PostgresStore, Any]]:
+    """The store on a pool of one connection: every acquire gets the same one back."""
     store = await PostgresStore.open(results_dsn, min_size=1, max_size=1)
     try:
-        pool: asyncpg.Pool[Any] = store._pool
-        async with pool.acquire() as conn:
-            await conn.execute("SET application_name = 'kept-session'")
-        await store.ping()  # a store call acquires and releases it too
-        async with pool.acquire() as conn:
-            assert await conn.fetchval("SHOW application_name") == "kept-session"
+        yield store, store._pool
     finally:
         await store.close()
 
 
-async def test_an_open_transaction_is_still_rolled_back_on_release(results_dsn: str) -> None:
-    store = await PostgresStore.open(results_dsn, min_size=1, max_size=1)
-    try:
-        pool: asyncpg.Pool[Any] = store._pool
-        async with pool.acquire() as conn:
-            await conn.execute("BEGIN; CREATE TABLE left_open (x int)")
-        async with pool.acquire() as conn:
-            assert await conn.fetchval("SELECT to_regclass('left_open')") is None
-    finally:
-        await store.close()
+@pytest.mark.parametrize(
+    ("left", "check", "expected"),
+    [
+        # asyncpg's default release sends `... RESET ALL` (pool.py,
+        # PoolConnectionHolder.release): this setting would not survive it.
+        ("SET application_name = 'kept-session'", "SHOW application_name", "kept-session"),
+        # An open transaction is still rolled back.
+        ("BEGIN; CREATE TABLE left_open (x int)", "SELECT to_regclass('left_open')::text", None),
+    ],
+    ids=["no-reset-query", "rolled-back"],
+)
+async def test_a_released_store_connection(
+    one_connection: tuple[PostgresStore, Any], left: str, check: str, expected: str | None
+) -> None:
+    store, pool = one_connection
+    async with pool.acquire() as conn:
+        await conn.execute(left)
+    await store.ping()  # a store call acquires and releases it too
+    async with pool.acquire() as conn:
+        assert await conn.fetchval(check) == expected
 
 
 def test_openai_http_client_logs_no_line_per_request(capsys: pytest.CaptureFixture[str]) -> None:

@@ -34,29 +34,21 @@ async def app_context(
     metrics: Metrics | None = None,
     on_hot: HotSink | None = None,
     lifecycle: bool = False,
-    warm: bool = False,
 ) -> AsyncIterator[AppContext]:
-    """Open the requested adapters; close them all on exit, newest first.
-
-    `warm`: open a database connection per parallel analysis at once (a consumer facing a
-    backlog would otherwise open them, and set up their codecs, during its first burst)."""
-    connections = settings.analysis_concurrency if warm else 1
+    """Open the requested adapters; close them all on exit, newest first."""
     ctx = AppContext(settings=settings, metrics=metrics or Metrics())
     async with contextlib.AsyncExitStack() as stack:
         if store:
             from service.stores.factory import open_store
 
-            ctx.store = await open_store(settings, min_connections=connections)
+            ctx.store = await open_store(settings)
             stack.push_async_callback(ctx.store.close)
         if reader:
             from service.evolution.reader import EvolutionReader
 
             url = settings.evolution_url()
             ctx.reader = await EvolutionReader.connect(
-                url.dsn,
-                url.schema or "auto",
-                pooler=url.pooler,
-                min_size=min(connections, 10),
+                url.dsn, url.schema or "auto", pooler=url.pooler
             )
             stack.push_async_callback(ctx.reader.close)
         if analyzer:

@@ -1,5 +1,5 @@
 """Per-analysis costs of a consume process: no reset round trip per statement, no log line
-per model request, database connections open before the first burst."""
+per model request, the stored state and the dialog read at once."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import msgspec
 import pytest
 from loguru import logger
@@ -17,7 +16,6 @@ from service.app import app_context
 from service.config import load_settings
 from service.logs import setup_logging
 from service.stores.postgres import PostgresStore
-from tests.conftest import pg_dsn
 
 
 @pytest.fixture
@@ -65,32 +63,6 @@ def test_openai_http_client_logs_no_line_per_request(capsys: pytest.CaptureFixtu
     finally:
         logger.remove()
         logger.add(sys.stderr, level="WARNING")
-
-
-async def _connections(database: str) -> int:
-    conn = await asyncpg.connect(pg_dsn("postgres"))
-    try:
-        count: int = await conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-            database,
-        )
-        return count
-    finally:
-        await conn.close()
-
-
-async def test_a_consume_process_opens_a_connection_per_analysis_at_start(
-    service_settings: Any,
-) -> None:
-    settings = msgspec.structs.replace(service_settings, analysis_concurrency=5)
-    results_db = settings.results_database_url.rsplit("/", 1)[1]
-    evolution_db = settings.evolution_url().dsn.rsplit("/", 1)[1].split("?")[0]
-    async with app_context(settings, analyzer=False, warm=True):
-        assert await _connections(results_db) == 5
-        assert await _connections(evolution_db) == 5
-    async with app_context(settings, analyzer=False):
-        assert await _connections(results_db) == 1
-        assert await _connections(evolution_db) == 1
 
 
 class _Timed:

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from service.stores.supabase import SupabaseStore
 
 
-async def open_store(settings: Settings, *, min_connections: int = 1) -> ResultsStore:
+async def open_store(settings: Settings) -> ResultsStore:
     """Supabase REST when SUPABASE_URL/SUPABASE_SERVICE_KEY are set, else direct Postgres.
 
     Raises StoreUnavailableError when the store cannot be reached, StoreAccessError when
@@ -32,11 +32,7 @@ async def open_store(settings: Settings, *, min_connections: int = 1) -> Results
 
     # Room for every parallel analysis plus REST requests and the readiness probe.
     pool_size = min(settings.analysis_concurrency + 4, 64)
-    return await PostgresStore.open(
-        settings.results_database_url,
-        min_size=min(min_connections, pool_size),
-        max_size=pool_size,
-    )
+    return await PostgresStore.open(settings.results_database_url, max_size=pool_size)
 
 
 async def _check_access(store: SupabaseStore) -> None:

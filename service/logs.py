@@ -118,7 +118,8 @@ def setup_logging(settings: Settings) -> None:
     # useful only when debugging.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     debug = settings.log_level in ("TRACE", "DEBUG")
-    for noisy in ("aio_pika", "httpx", "httpcore", "hpack"):
+    # openai's HTTP client is httpx2: at INFO it logs a line per request.
+    for noisy in ("aio_pika", "httpx", "httpcore", "httpx2", "httpcore2", "hpack"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
     # aiormq logs every failed connect at ERROR with a traceback; aio-pika's own reconnect
     # warning (and our error line) say the same in one line.

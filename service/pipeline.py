@@ -6,6 +6,7 @@ The consumer, the backfill command and `POST /dialogs/analyze` all call
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -118,20 +119,23 @@ class Pipeline:
         force = force or changed
         started = time.perf_counter()
         threshold = self._settings.min_incoming if min_incoming is None else min_incoming
-        state = await self._store.get_state(account, instance, phone)
-
-        if (
-            not force
-            and summary is not None
-            and not extra_messages
-            and state is not None
-            and _is_current(state, summary.last_message_id, summary.incoming_count >= threshold)
-        ):
-            return self._done("unchanged", instance, phone, state=state)
-
-        dialog = await self._reader.dialog(
-            instance, phone, limit=self._settings.max_dialog_messages
-        )
+        limit = self._settings.max_dialog_messages
+        if summary is None:
+            # Both reads are needed: one round trip's wait instead of two.
+            state, dialog = await asyncio.gather(
+                self._store.get_state(account, instance, phone),
+                self._reader.dialog(instance, phone, limit=limit),
+            )
+        else:
+            state = await self._store.get_state(account, instance, phone)
+            if (
+                not force
+                and not extra_messages
+                and state is not None
+                and _is_current(state, summary.last_message_id, summary.incoming_count >= threshold)
+            ):
+                return self._done("unchanged", instance, phone, state=state)
+            dialog = await self._reader.dialog(instance, phone, limit=limit)
         # Where Evolution's DB has the dialog it is the truth (see `lag_only`).
         extra = lag_only(dialog, extra_messages)
         if dialog is None and state is not None and (extra or changed):

@@ -42,6 +42,7 @@ from service.evolution.message_text import (
     WRAPPER_TYPES,
     message_text,
 )
+from service.pg_pool import keep_session
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -633,10 +634,14 @@ async def _create_pool(dsn: str, options: dict[str, Any], *, pooler: bool) -> as
             dsn,
             statement_cache_size=0,
             server_settings={"application_name": "crm-backend"},
+            reset=keep_session,
             **options,
         )
     return await asyncpg.create_pool(
-        dsn, server_settings={"application_name": "crm-backend", **_SESSION_SETTINGS}, **options
+        dsn,
+        server_settings={"application_name": "crm-backend", **_SESSION_SETTINGS},
+        reset=keep_session,
+        **options,
     )
 
 

@@ -17,6 +17,7 @@ from urllib.parse import unquote, urlsplit
 import asyncpg
 import msgspec
 
+from service.pg_pool import keep_session
 from service.stores.base import (
     STATE_COLUMNS,
     AnalysisWrite,
@@ -107,6 +108,7 @@ class PostgresStore:
                 command_timeout=command_timeout,
                 statement_cache_size=0,
                 init=_init_connection,
+                reset=keep_session,
                 timeout=15,
             )
         except _CONNECT_FAILURES as exc:

@@ -157,8 +157,9 @@ async def test_reader_excludes_deleted_messages_in_dialog_and_aggregate(
 # -- 4. edits -----------------------------------------------------------------------------
 @pytest.mark.parametrize("event", ["messages.edited", "messages.update"])
 async def test_edit_rescores_with_the_new_text(settings: Settings, event: str) -> None:
-    """The contact edits its refusal; Evolution posts the webhook before it rewrites the
-    row (messages.upsert protocolMessage branch), so the event's text counts."""
+    """The contact edits its refusal; Evolution posts the webhook, then rewrites the row
+    (messages.upsert protocolMessage branch): by the analysis, DEBOUNCE_SECONDS later, the
+    row holds the new text, which counts (the event's text is only a claim)."""
     async with running_service(settings) as svc:
         bodies = dialog_bodies()
         assert score_of(await stored_dialog(svc, bodies)) == ("deal_lost", 35, "cold")
@@ -171,7 +172,6 @@ async def test_edit_rescores_with_the_new_text(settings: Settings, event: str) -
                 "Да, давайте продолжим, нам интересно",
                 edited_at=int(time.time()),
                 version="2.3.7",
-                write_db=False,
             )
         finally:
             await conn.close()

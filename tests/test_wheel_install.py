@@ -109,6 +109,9 @@ async def test_migrate_from_the_installed_wheel(installed: Installed, owner_data
         "AND relkind = 'r' AND relrowsecurity ORDER BY 1",
     )
     assert [t["relname"] for t in tables] == [
+        "crm_api_keys",
+        "crm_deleted_messages",
+        "crm_lid_pairs",
         "crm_schema_migrations",
         "dialog_analysis",
         "whatsapp_instances",

@@ -127,6 +127,8 @@ class _Sql:
             f"(SELECT split_part(split_part(i.\"ownerJid\", '@', 1), ':', 1) || '{PHONE_SUFFIX}'"  # noqa: S608
             f" FROM {self.instance} i WHERE i.name = $1 LIMIT 1)"
         )
+        # The instance's id and own number, read once per query.
+        self.inst = f"inst AS MATERIALIZED (SELECT {self.instance_id} AS id, {self.owner} AS owner)"
         # A message that is a dialog turn: not deleted, not a reaction/protocol message
         # (also not one inside an ephemeral/view-once wrapper: `message_text` agrees).
         # $2 is always the SKIPPED_TYPES array.
@@ -258,9 +260,7 @@ def dialog_sql(schema: str) -> str:
     q = _Sql(schema)
     live = q.live
     return f"""
-WITH inst AS MATERIALIZED (
-    SELECT {q.instance_id} AS id, {q.owner} AS owner
-), lids AS (
+WITH {q.inst}, lids AS (
     SELECT DISTINCT {q.lid} AS lid
     FROM {q.message} m
     WHERE m."instanceId" = (SELECT id FROM inst) AND {q.phone_is("$3")} AND {q.lid} IS NOT NULL
@@ -332,9 +332,7 @@ def unpaired_lids_sql(schema: str) -> str:
     aggregate cannot place them). Parameters: $1 instance name, $2 skipped types."""
     q = _Sql(schema)
     return f"""
-WITH inst AS MATERIALIZED (
-    SELECT {q.instance_id} AS id, {q.owner} AS owner
-), lone AS (
+WITH {q.inst}, lone AS (
     SELECT DISTINCT {q.lid} AS lid
     FROM {q.message} m
     WHERE m."instanceId" = (SELECT id FROM inst) AND {q.live}

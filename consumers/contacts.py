@@ -132,7 +132,7 @@ class ContactConsumer:
         self._notifier = Notifier(self._publish, self._topology)
         self._renewed_at = -1.0
         self._stopping = False
-        self._resolver = ContactResolver(ctx.reader)
+        self._resolver = ContactResolver(ctx.reader, pairs=self._store)
         self.analyses_started = 0  # for tests and metrics: pipeline runs begun
         if self._pipeline.on_hot is None:
             self._pipeline.on_hot = self.publish_hot
@@ -384,7 +384,7 @@ class ContactConsumer:
         resolved: list[QueuedEvent] = []
         held: list[QueuedEvent] = []
         for event in events:
-            self._resolver.remember(event)
+            await self._resolver.remember(event)
             if event.phone_jid is not None:
                 known.append(event)
                 continue

@@ -35,6 +35,9 @@ class BackfillStats(msgspec.Struct, kw_only=True):
     cold: int = 0
     errors: int = 0
     skipped: int = 0  # unchanged since the stored analysis
+    # LID-only chats no stored message pairs with a phone: not analysed until a pair
+    # appears (a message with both, or a later event)
+    unpaired_lid_chats: int = 0
 
 
 class DryRunEstimate(msgspec.Struct, kw_only=True):
@@ -59,6 +62,8 @@ class ContactLister(Protocol):
     ) -> AsyncIterator[ContactSummary]: ...
 
     async def dialog(self, instance: str, phone: str, *, limit: int) -> Dialog | None: ...
+
+    async def unpaired_lid_chats(self, instance: str) -> int: ...
 
 
 class BackfillOptions(msgspec.Struct, kw_only=True):
@@ -122,6 +127,14 @@ async def run_backfill(
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(producer, *workers, return_exceptions=True)
         raise
+    stats.unpaired_lid_chats = await reader.unpaired_lid_chats(options.instance)
+    if stats.unpaired_lid_chats:
+        logger.warning(
+            "LID-only chats without a known phone were not analysed: {} (they are once a "
+            "message pairs the LID with a phone)",
+            stats.unpaired_lid_chats,
+            instance=options.instance,
+        )
     return stats
 
 

@@ -390,10 +390,11 @@ def _change_event(
         if isinstance(edited, dict) or data.status == "EDITED":
             change = "edit"
             text = message_text(data.message, None)
-        elif data.status == "DELETED":
-            change = "delete"
         else:
-            return event  # a delivery/read status: nothing for the dialog
+            # A delivery/read status, or a status-less update such as a star (Baileys
+            # `messages.update` {starred}), whose status Evolution defaults to DELETED up
+            # to 2.3.6: a revoke is posted as `messages.delete` only.
+            return event
     else:  # messages.delete
         change = "delete"
     if change == "edit" and text is None:

@@ -41,7 +41,11 @@ _FACT_FIELDS = frozenset(f.name for f in msgspec.structs.fields(LeadFacts))
 
 
 class DialogSource(Protocol):
-    async def dialog(self, instance: str, phone: str, *, limit: int) -> Dialog | None: ...
+    async def dialog(
+        self, instance: str, phone: str, *, limit: int, excluded: AbstractSet[str] = ...
+    ) -> Dialog | None: ...
+
+    async def contact_of_message(self, instance: str, message_id: str) -> str | None: ...
 
 
 class HotLead(msgspec.Struct, kw_only=True):
@@ -115,16 +119,17 @@ class Pipeline:
         skipped without reading its dialog.
         """
         edits = edits or {}
-        changed = bool(edits or deleted)
-        force = force or changed
+        asked = force
+        force = force or bool(edits or deleted)
         started = time.perf_counter()
         threshold = self._settings.min_incoming if min_incoming is None else min_incoming
         limit = self._settings.max_dialog_messages
+        jid = f"{phone}@s.whatsapp.net"
         if summary is None:
-            # Both reads are needed: one round trip's wait instead of two.
-            state, dialog = await asyncio.gather(
+            # The state is needed whatever the dialog holds: both lookups in one wait.
+            state, known_deleted = await asyncio.gather(
                 self._store.get_state(account, instance, phone),
-                self._reader.dialog(instance, phone, limit=limit),
+                self._store.deleted_ids(account, instance, jid),
             )
         else:
             state = await self._store.get_state(account, instance, phone)
@@ -135,9 +140,24 @@ class Pipeline:
                 and _is_current(state, summary.last_message_id, summary.incoming_count >= threshold)
             ):
                 return self._done("unchanged", instance, phone, state=state)
-            dialog = await self._reader.dialog(instance, phone, limit=limit)
-        # Where Evolution's DB has the dialog it is the truth (see `lag_only`).
+            known_deleted = await self._store.deleted_ids(account, instance, jid)
+        dialog = await self._reader.dialog(instance, phone, limit=limit, excluded=known_deleted)
+        # Where Evolution's DB has the dialog it is the truth (see `lag_only`): its rows
+        # hold the edits, and a delete counts only for a message it holds.
         extra = lag_only(dialog, extra_messages)
+        # A delete may also be one the DB already shows (row removed or marked): the
+        # dialog changed all the same, so the lead keeps its last activity time.
+        changed = bool(edits or deleted)
+        if dialog is not None and dialog.messages:
+            # The edited rows are already read; an edit of a message the DB does not hold
+            # changes nothing (and costs no analysis).
+            held = {m.id for m in dialog.messages}
+            changed = bool(deleted) or not held.isdisjoint(edits)
+            force = asked or changed
+            edits = {}
+        deleted = await self._confirmed_deletes(account, instance, jid, dialog, deleted)
+        if dialog is None or not dialog.messages:
+            deleted |= known_deleted  # the events' dialog may hold one deleted before
         if dialog is None and state is not None and (extra or changed):
             # No rows in Evolution's database (DATABASE_SAVE_DATA_NEW_MESSAGE off): the
             # stored lead holds the dialog so far, so a new event adds to it instead of
@@ -224,6 +244,35 @@ class Pipeline:
             became_hot=became_hot,
             lead_id=result.id,
         )
+
+    async def _confirmed_deletes(
+        self,
+        account: uuid.UUID,
+        instance: str,
+        jid: str,
+        dialog: Dialog | None,
+        deleted: AbstractSet[str],
+    ) -> set[str]:
+        """The event deletes to believe, recorded for every later read of the dialog.
+
+        A delete event is a claim: where Evolution's DB has this contact's dialog it
+        counts only for a message the DB holds in this contact's chat (a forged one can
+        hide a real message only by its WhatsApp id); where the DB has no rows for the
+        chat (DATABASE_SAVE_DATA_NEW_MESSAGE off) the events are all there is.
+        """
+        if not deleted:
+            return set()
+        if dialog is None or not dialog.messages:
+            confirmed = set(deleted)
+        else:
+            confirmed = {
+                message_id
+                for message_id in sorted(deleted)
+                if await self._reader.contact_of_message(instance, message_id) == jid
+            }
+        if confirmed:
+            await self._store.record_deletes(account, instance, jid, sorted(confirmed))
+        return confirmed
 
     async def _renotify(
         self, account: uuid.UUID, instance: str, phone: str, state: StoredState

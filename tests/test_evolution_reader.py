@@ -416,6 +416,7 @@ async def test_index_is_used_and_changes_no_result(
                 "77051112233@s.whatsapp.net",
                 10,
                 ["", "Você"],
+                ["3EB0DELETED"],  # deletes known from events
             )
         )
     finally:

@@ -73,7 +73,7 @@ class _Timed:
 
     def __getattr__(self, attr: str) -> Any:
         method = getattr(self._inner, attr)
-        if attr not in ("get_state", "dialog"):
+        if attr not in ("get_state", "deleted_ids", "dialog"):
             return method
 
         async def timed(*args: Any, **kwargs: Any) -> Any:
@@ -104,5 +104,7 @@ async def test_an_event_reads_stored_state_and_dialog_at_once(
         )
         outcome = await pipeline.analyze_contact(INSTANCE, "77010000001", account)
     assert outcome.outcome == "no_messages"
-    # Both started before either ended: the second read did not wait for the first.
-    assert log[:2] == ["get_state start", "dialog start"], log
+    # The stored state and the recorded deletes are read at once (neither waits for the
+    # other); the dialog read needs the deletes, so it starts once they are known.
+    assert log[:2] == ["get_state start", "deleted_ids start"], log
+    assert log.index("dialog start") > log.index("deleted_ids end"), log

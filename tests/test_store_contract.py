@@ -935,3 +935,27 @@ async def test_lead_row_fields_are_the_tables_columns(results_dsn: str) -> None:
         await conn.close()
     fields = {f.name for f in msgspec.structs.fields(LeadRow)}
     assert {c["column_name"] for c in columns} == fields
+
+
+async def test_event_deletes_and_lid_pairs_are_kept_per_account(
+    store: ResultsStore, account: uuid.UUID
+) -> None:
+    """service/sql/0005_evolution_events.sql through both stores (the Supabase one over
+    PostgREST `rpc`): recorded once, read back by the account only."""
+    jid = "77010000001@s.whatsapp.net"
+    assert await store.record_deletes(account, INSTANCE, jid, ["m2", "m1"]) == 2
+    assert await store.record_deletes(account, INSTANCE, jid, ["m1"]) == 0  # once
+    assert await store.deleted_ids(account, INSTANCE, jid) == {"m1", "m2"}
+    assert await store.deleted_ids(uuid.uuid4(), INSTANCE, jid) == set()
+    assert await store.deleted_ids(account, INSTANCE, "77010000002@s.whatsapp.net") == set()
+
+    lid = "181736458731542@lid"
+    assert await store.remember_lid(INSTANCE, lid, jid) is False  # instance not mapped
+    await store.add_instance(INSTANCE, account)
+    assert await store.remember_lid(INSTANCE, lid, jid) is True
+    assert await store.remember_lid(INSTANCE, lid, jid) is False  # already held
+    assert await store.lid_phone(INSTANCE, lid) == jid
+    assert await store.lid_phone(INSTANCE, "999@lid") is None
+    # The pair belongs to the account: moved to another, the instance no longer finds it.
+    await store.move_instance(INSTANCE, uuid.uuid4())
+    assert await store.lid_phone(INSTANCE, lid) is None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncGenerator, Mapping
+from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -127,6 +128,8 @@ class _Sql:
             f"(SELECT split_part(split_part(i.\"ownerJid\", '@', 1), ':', 1) || '{PHONE_SUFFIX}'"  # noqa: S608
             f" FROM {self.instance} i WHERE i.name = $1 LIMIT 1)"
         )
+        # The instance's id and own number, read once per query.
+        self.inst = f"inst AS MATERIALIZED (SELECT {self.instance_id} AS id, {self.owner} AS owner)"
         # A message that is a dialog turn: not deleted, not a reaction/protocol message
         # (also not one inside an ephemeral/view-once wrapper: `message_text` agrees).
         # $2 is always the SKIPPED_TYPES array.
@@ -253,13 +256,12 @@ LIMIT $5
 
 def dialog_sql(schema: str) -> str:
     """One contact's dialog. Parameters: $1 instance name, $2 skipped types,
-    $3 phone JID, $4 message limit, $5 names that are not names."""
+    $3 phone JID, $4 message limit, $5 names that are not names, $6 ids of messages
+    known deleted from events (crm_deleted_messages)."""
     q = _Sql(schema)
     live = q.live
     return f"""
-WITH inst AS MATERIALIZED (
-    SELECT {q.instance_id} AS id, {q.owner} AS owner
-), lids AS (
+WITH {q.inst}, lids AS (
     SELECT DISTINCT {q.lid} AS lid
     FROM {q.message} m
     WHERE m."instanceId" = (SELECT id FROM inst) AND {q.phone_is("$3")} AND {q.lid} IS NOT NULL
@@ -283,6 +285,8 @@ WITH inst AS MATERIALIZED (
     SELECT DISTINCT COALESCE(m."key"->>'id', m.id) COLLATE "C" AS kid
     FROM hits m JOIN {q.update} u ON u."messageId" = m.id
     WHERE {_DELETES}
+    UNION
+    SELECT unnest($6::text[]) COLLATE "C"
 ), dedup AS (
     -- One row per WhatsApp message id (a message can be stored twice).
     SELECT DISTINCT ON (kid) h.id, kid, fm, h."messageTimestamp" AS ts,
@@ -324,6 +328,27 @@ LIMIT 1
 """  # noqa: S608 - identifiers are validated (quote_ident), values are parameters
 
 
+def unpaired_lids_sql(schema: str) -> str:
+    """How many LID-only chats have no phone in any stored message (so the contacts
+    aggregate cannot place them). Parameters: $1 instance name, $2 skipped types."""
+    q = _Sql(schema)
+    return f"""
+WITH {q.inst}, lone AS (
+    SELECT DISTINCT {q.lid} AS lid
+    FROM {q.message} m
+    WHERE m."instanceId" = (SELECT id FROM inst) AND {q.live}
+        AND m."key"->>'remoteJid' LIKE '%{LID_SUFFIX}' AND {q.lid} IS NOT NULL
+        AND COALESCE(NULLIF({q.phone}, (SELECT owner FROM inst)), '') = ''
+)
+SELECT count(*)::int FROM lone l
+WHERE NOT EXISTS (
+    SELECT 1 FROM {q.message} m
+    WHERE m."instanceId" = (SELECT id FROM inst) AND {q.lid} = l.lid
+        AND NULLIF({q.phone}, (SELECT owner FROM inst)) IS NOT NULL
+)
+"""  # noqa: S608 - identifiers are validated (quote_ident), values are parameters
+
+
 def message_contact_sql(schema: str) -> str:
     """Phone JID (or LID) of the chat of a message. Parameters: $1 instance, $2 key id."""
     q = _Sql(schema)
@@ -350,6 +375,7 @@ class EvolutionReader:
         self._dialog_sql = dialog_sql(schema)
         self._lid_sql = lid_phone_sql(schema)
         self._message_contact_sql = message_contact_sql(schema)
+        self._unpaired_sql = unpaired_lids_sql(schema)
         self._skipped = sorted(SKIPPED_TYPES)
         self._not_names = list(_NOT_A_NAME)
 
@@ -520,9 +546,12 @@ class EvolutionReader:
         return (instance, self._skipped, min_incoming, since_unix, limit, self._not_names)
 
     # -- dialog -----------------------------------------------------------------------
-    async def dialog(self, instance: str, phone: str, *, limit: int) -> Dialog | None:
+    async def dialog(
+        self, instance: str, phone: str, *, limit: int, excluded: AbstractSet[str] = frozenset()
+    ) -> Dialog | None:
         """The contact's newest `limit` messages, oldest first, with counts and first/last
-        times over its whole history; None when it has no messages."""
+        times over its whole history; None when it has no messages. `excluded`: ids of
+        messages known deleted from events, left out like those the DB marks deleted."""
         if limit < 1:
             raise ValueError("limit must be at least 1")
         digits = phone_digits(phone) if "@" in phone else normalize_phone(phone)
@@ -531,7 +560,14 @@ class EvolutionReader:
         jid = digits + PHONE_SUFFIX
         try:
             rows = await self._read(
-                "fetch", self._dialog_sql, instance, self._skipped, jid, limit, self._not_names
+                "fetch",
+                self._dialog_sql,
+                instance,
+                self._skipped,
+                jid,
+                limit,
+                self._not_names,
+                sorted(excluded),
             )
         except _CONNECTION_ERRORS as exc:
             raise self._unavailable(exc) from None
@@ -569,6 +605,11 @@ class EvolutionReader:
         """The phone JID seen with this LID in the instance's stored messages (never the
         business's own number), or None when no message paired them yet."""
         return await self._fetchval(self._lid_sql, instance, lid)  # type: ignore[no-any-return]
+
+    async def unpaired_lid_chats(self, instance: str) -> int:
+        """LID-only chats that no stored message pairs with a phone (not in `contacts`)."""
+        count: int = await self._fetchval(self._unpaired_sql, instance, self._skipped)
+        return count
 
     async def contact_of_message(self, instance: str, message_id: str) -> str | None:
         """The contact's phone JID of a stored message, found by its WhatsApp id (as

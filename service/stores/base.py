@@ -12,7 +12,7 @@ both stores call, so they cannot drift apart.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
@@ -308,6 +308,17 @@ class ResultsStore(Protocol):
 
     # `backfill --force`: let a rebuild from the dialog replace the stored row
     async def forget_dialog_time(self, account: uuid.UUID, instance: str, phone: str) -> bool: ...
+
+    # what only Evolution's events tell (see service/sql/0005_evolution_events.sql)
+    async def record_deletes(
+        self, account: uuid.UUID, instance: str, remote_jid: str, message_ids: Sequence[str]
+    ) -> int: ...
+
+    async def deleted_ids(self, account: uuid.UUID, instance: str, remote_jid: str) -> set[str]: ...
+
+    async def remember_lid(self, instance: str, lid: str, phone_jid: str) -> bool: ...
+
+    async def lid_phone(self, instance: str, lid: str) -> str | None: ...
 
     # account-bound API keys (stored as SHA-256 hashes)
     async def create_api_key(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -286,6 +286,41 @@ class PostgresStore:
                 "SELECT crm_forget_dialog_time($1, $2, $3)", account, instance, phone
             )
         return done
+
+    # -- what only Evolution's events tell ------------------------------------------------
+    async def record_deletes(
+        self, account: uuid.UUID, instance: str, remote_jid: str, message_ids: Sequence[str]
+    ) -> int:
+        with self._guard("recording deletes"):
+            added: int = await self._pool.fetchval(
+                "SELECT crm_record_deletes($1, $2, $3, $4)",
+                account,
+                instance,
+                remote_jid,
+                list(message_ids),
+            )
+        return added
+
+    async def deleted_ids(self, account: uuid.UUID, instance: str, remote_jid: str) -> set[str]:
+        with self._guard("reading deletes"):
+            ids: list[str] = await self._pool.fetchval(
+                "SELECT crm_deleted_ids($1, $2, $3)", account, instance, remote_jid
+            )
+        return set(ids)
+
+    async def remember_lid(self, instance: str, lid: str, phone_jid: str) -> bool:
+        with self._guard("remembering a LID"):
+            added: bool = await self._pool.fetchval(
+                "SELECT crm_remember_lid($1, $2, $3)", instance, lid, phone_jid
+            )
+        return added
+
+    async def lid_phone(self, instance: str, lid: str) -> str | None:
+        with self._guard("reading a LID"):
+            phone: str | None = await self._pool.fetchval(
+                "SELECT crm_lid_phone($1, $2)", instance, lid
+            )
+        return phone
 
     # -- API keys ---------------------------------------------------------------------
     async def create_api_key(

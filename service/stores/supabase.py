@@ -22,7 +22,7 @@ import binascii
 import json
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import httpx
@@ -473,6 +473,30 @@ class SupabaseStore:
     async def forget_dialog_time(self, account: uuid.UUID, instance: str, phone: str) -> bool:
         params = {"p_account": str(account), "p_instance": instance, "p_phone": phone}
         return bool(await self._call("resetting a lead", "crm_forget_dialog_time", params))
+
+    async def record_deletes(
+        self, account: uuid.UUID, instance: str, remote_jid: str, message_ids: Sequence[str]
+    ) -> int:
+        params = {
+            "p_account": str(account),
+            "p_instance": instance,
+            "p_remote_jid": remote_jid,
+            "p_ids": list(message_ids),
+        }
+        return int(await self._call("recording deletes", "crm_record_deletes", params))
+
+    async def deleted_ids(self, account: uuid.UUID, instance: str, remote_jid: str) -> set[str]:
+        params = {"p_account": str(account), "p_instance": instance, "p_remote_jid": remote_jid}
+        return set(await self._call("reading deletes", "crm_deleted_ids", params) or ())
+
+    async def remember_lid(self, instance: str, lid: str, phone_jid: str) -> bool:
+        params = {"p_instance": instance, "p_lid": lid, "p_phone": phone_jid}
+        return bool(await self._call("remembering a LID", "crm_remember_lid", params))
+
+    async def lid_phone(self, instance: str, lid: str) -> str | None:
+        params = {"p_instance": instance, "p_lid": lid}
+        phone = await self._call("reading a LID", "crm_lid_phone", params)
+        return None if phone is None else str(phone)
 
     async def create_api_key(
         self, key_hash: str, prefix: str, account: uuid.UUID, name: str | None

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 from loguru import logger
 
-from handlers.http_app import CTX, context
+from handlers.app_context import CTX, context
 from handlers.http_errors import ApiError, decode_body, json_response, parse_query, path_uuid
 from handlers.rest_models import (
     AccountParams,
@@ -35,7 +35,8 @@ from handlers.rest_models import (
     StatsResponse,
     lead_out,
 )
-from service.adapters.stores.base import DuplicateLeadError, LeadRow, ResultsStore
+from service.adapters.stores.base import DuplicateLeadError, ResultsStore
+from service.domain.lead import LeadRow
 from service.usecases.backfill import BackfillOptions, run_backfill
 from service.usecases.csv_export import csv_chunks
 from service.usecases.lead_edits import (
@@ -157,7 +158,7 @@ async def create_lead(request: web.Request) -> web.Response:
         raise ApiError(400, f"field phone must be {expected}", {"field": "phone"})
     store = _store(request)
     await _require_instance(store, body.instance_name, body.user_account_id)
-    row = new_manual_lead(body, phone, datetime.now(UTC))
+    row = new_manual_lead(body.new_lead(phone), datetime.now(UTC))
     try:
         created = await store.create_lead(row)
     except DuplicateLeadError:

@@ -23,7 +23,7 @@ from service.adapters.analyzers.base import (
     AnalyzerUnavailableError,
     TokenUsage,
 )
-from service.adapters.stores.base import AnalysisWrite, LeadRow, ResultsStore, StoredState
+from service.adapters.stores.base import AnalysisWrite, ResultsStore, StoredState
 from service.config import Settings
 from service.domain.dialog import (
     Contact,
@@ -34,7 +34,8 @@ from service.domain.dialog import (
     merge_messages,
 )
 from service.domain.facts import LeadFacts, empty_facts
-from service.domain.scoring import Score, derive, interest_for, score
+from service.domain.lead import LeadRow, fact_columns
+from service.domain.scoring import Score, interest_for, score
 from service.domain.text_bounds import bounded_dialog
 from service.logs import contact_hash
 from service.metrics import Metrics
@@ -490,38 +491,11 @@ def _base_write(dialog: Dialog, account: uuid.UUID) -> dict[str, Any]:
     }
 
 
-def _fact_columns(facts: LeadFacts, lead_score: Score) -> dict[str, Any]:
-    derived = derive(facts)
-    return {
-        "niche": facts.niche,
-        "business_type": facts.business_type,
-        "is_owner": facts.is_owner,
-        "has_sales_dept": facts.has_sales_dept,
-        "uses_ads_now": facts.uses_ads_now,
-        "ad_budget": facts.ad_budget,
-        "instagram_url": facts.instagram_url,
-        "funnel_stage": facts.funnel_stage,
-        "main_intent": facts.main_intent,
-        "objection": facts.objection,
-        "action": facts.action,
-        "next_message": facts.next_message,
-        "reasoning": facts.reasoning or None,
-        "is_medical": derived.is_medical,
-        "budget_stated": derived.budget_stated,
-        "has_booking": derived.has_booking,
-        "sent_instagram": derived.sent_instagram,
-        "qualification_complete": derived.qualification_complete,
-        "score": lead_score.total,
-        "interest_level": lead_score.interest_level,
-        "score_breakdown": [msgspec.to_builtins(line) for line in lead_score.breakdown],
-    }
-
-
 def _new_lead_write(dialog: Dialog, account: uuid.UUID) -> AnalysisWrite:
     facts = empty_facts("new_lead")
     return AnalysisWrite(
         **_base_write(dialog, account),
-        **_fact_columns(facts, score(facts)),
+        **fact_columns(facts, score(facts)),
         analyzed=False,
         messages=_dialog_json(dialog),
         analyzer=None,
@@ -543,7 +517,7 @@ def _analysis_write(
             usage["model"] = analysis.model
     return AnalysisWrite(
         **_base_write(dialog, account),
-        **_fact_columns(facts, lead_score),
+        **fact_columns(facts, lead_score),
         analyzed=True,
         messages=_dialog_json(dialog),
         analyzer=analysis.analyzer,

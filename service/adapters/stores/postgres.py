@@ -27,7 +27,6 @@ from service.adapters.stores.base import (
     InstanceMove,
     InstanceOwnedError,
     LeadQuery,
-    LeadRow,
     LeadStats,
     StoredState,
     StoreUnavailableError,
@@ -38,6 +37,7 @@ from service.adapters.stores.base import (
     lead_from_record,
     state_from_record,
 )
+from service.domain.lead import LeadRow
 
 # SQL here is built only from fixed column tuples and fixed fragments (the S608
 # exemptions below); every value is a query parameter.

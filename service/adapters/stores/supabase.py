@@ -39,7 +39,6 @@ from service.adapters.stores.base import (
     InstanceMapping,
     InstanceMove,
     LeadQuery,
-    LeadRow,
     LeadStats,
     StoreAccessError,
     StoredState,
@@ -52,6 +51,7 @@ from service.adapters.stores.base import (
     state_from_record,
 )
 from service.adapters.stores.postgres import checked_mapping
+from service.domain.lead import LeadRow
 
 T = TypeVar("T")
 

@@ -89,7 +89,7 @@ def test_urls_events_and_ids() -> None:
             check_url(bad)
     assert parse_events(None) is None
     assert parse_events("lead.hot, lead.hot") == ["lead.hot"]
-    with pytest.raises(ValueError, match="unknown event 'lead.cold'"):
+    with pytest.raises(ValueError, match=r"unknown event 'lead\.cold'"):
         parse_events("lead.hot,lead.cold")
     endpoint = uuid.uuid4()
     assert webhook_id("e1", endpoint) == webhook_id("e1", endpoint) != webhook_id("e2", endpoint)

@@ -139,12 +139,7 @@ class Pipeline:
             )
         else:
             state = await self._store.get_state(account, instance, phone)
-            if (
-                not force
-                and not extra_messages
-                and state is not None
-                and _is_current(state, summary.last_message_id, summary.incoming_count >= threshold)
-            ):
+            if not force and not extra_messages and summary_is_current(state, summary, threshold):
                 return self._done("unchanged", instance, phone, state=state)
             known_deleted = await self._store.deleted_ids(account, instance, jid)
         dialog = await self._reader.dialog(instance, phone, limit=limit, excluded=known_deleted)
@@ -179,7 +174,7 @@ class Pipeline:
             return self._done("no_messages", instance, phone)
 
         enough = dialog.incoming_count >= threshold
-        if not force and state is not None and _is_current(state, dialog.last_message_id, enough):
+        if not force and state is not None and is_current(state, dialog.last_message_id, enough):
             if renotify and state.interest_level == "hot":
                 # A retried or redelivered run: the stored result may be the one whose
                 # `lead.hot` was never confirmed, so it goes out again (at least once).
@@ -355,13 +350,23 @@ def _interest(total: int | None) -> str | None:
     return None if total is None else interest_for(total)
 
 
-def _is_current(state: StoredState, last_message_id: str | None, needs_analysis: bool) -> bool:
+def is_current(state: StoredState, last_message_id: str | None, needs_analysis: bool) -> bool:
     """The stored row already reflects this dialog (same newest message)."""
     if last_message_id is None or state.last_message_id != last_message_id:
         return False
     # A row stored as new_lead must still be analysed once the contact crosses the
     # threshold (the threshold may have been lowered since).
     return not (needs_analysis and state.analyzer is None)
+
+
+def summary_is_current(
+    state: StoredState | None, summary: ContactSummary, min_incoming: int
+) -> bool:
+    """The one answer to "can this contact be skipped?" from the reader's aggregate alone:
+    a real run (`analyze_contact(summary=...)`) and `backfill --dry-run` both ask it."""
+    return state is not None and is_current(
+        state, summary.last_message_id, summary.incoming_count >= min_incoming
+    )
 
 
 def lag_only(dialog: Dialog | None, extra: Sequence[DialogMessage]) -> list[DialogMessage]:

@@ -389,7 +389,7 @@ async def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
 
         pipeline = ctx.require_pipeline()
         progress = Progress(sys.stderr)
-        stats = BackfillStats()
+        stats = BackfillStats.zero()
         task = asyncio.create_task(
             run_backfill(pipeline, reader, options, progress.update, stats=stats)
         )

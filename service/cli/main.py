@@ -200,9 +200,9 @@ def _fail(message: str) -> NoReturn:
 
 def describe_error(exc: BaseException) -> str | None:
     """One line for the errors a user meets (unreachable services, wrong credentials)."""
-    from service.cli.explain import explain
+    from service.adapters.failures import cli_line
 
-    return explain(exc)
+    return cli_line(exc)
 
 
 # -- commands ---------------------------------------------------------------------------

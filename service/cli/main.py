@@ -311,7 +311,7 @@ async def _cmd_index(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
-    from service.cli.dlq import list_dead, replay_dead
+    from service.adapters.broker.dead_letters import list_dead, replay_dead
 
     if args.action == "list":
         depth, letters = await list_dead(settings, args.limit)

@@ -45,7 +45,6 @@ from service.adapters.broker.envelope import (
     header_int,
     shard_for,
 )
-from service.adapters.broker.notifier import Notifier
 from service.adapters.broker.topology import Topology
 from service.adapters.evolution.resolver import ContactResolver
 from service.bootstrap.context import AppContext
@@ -53,7 +52,6 @@ from service.config import Settings
 from service.domain.dialog import DialogMessage, from_unix
 from service.logs import contact_hash
 from service.usecases.intake_guard import event_problem
-from service.usecases.pipeline import HotLead
 
 _ACCOUNT_TTL = 30.0  # seconds an instance -> account lookup is reused
 # Events whose contact is not known yet (a LID-only message, an edit or delete of a
@@ -130,13 +128,12 @@ class ContactConsumer:
             else Membership(self._topology, member, interval=heartbeat, expiry=3.5 * heartbeat)
         )
         self._rebalancer: asyncio.Task[None] | None = None
-        self._notifier = Notifier(self._publish, self._topology)
         self._renewed_at = -1.0
         self._stopping = False
         self._resolver = ContactResolver(ctx.reader, pairs=self._store)
         self.analyses_started = 0  # for tests and metrics: pipeline runs begun
-        if self._pipeline.on_hot is None:
-            self._pipeline.on_hot = self.publish_hot
+        if ctx.hot_leads is not None:
+            ctx.hot_leads.bind(self._publish)
 
     @property
     def shards(self) -> list[int]:
@@ -623,12 +620,6 @@ class ContactConsumer:
         if old is not None:
             with contextlib.suppress(Exception):
                 await old.close()
-
-    async def publish_hot(self, lead: HotLead) -> None:
-        """`lead.hot`, at least once: raises when it cannot be stored (the analysis then
-        counts as failed, and its retry sends the notification again)."""
-        await self._notifier.send("lead.hot", msgspec.json.encode(lead))
-        self._metrics.hot_leads.inc()
 
     def _settle(self, delivery: _Delivery, ok: bool) -> None:
         if delivery.settled:

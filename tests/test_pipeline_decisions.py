@@ -17,11 +17,12 @@ import pytest
 from service.adapters.analyzers.base import AnalysisResult
 from service.config import Settings, load_settings
 from service.domain.dialog import Contact, Dialog, DialogMessage
+from service.domain.events import HotLead
 from service.domain.facts import LeadFacts, empty_facts
 from service.domain.scoring import score
 from service.metrics import Metrics
 from service.usecases.backfill import BackfillOptions, dry_run, run_backfill
-from service.usecases.pipeline import HotLead, Pipeline
+from service.usecases.pipeline import Pipeline
 from tests.fakes.memory import MemoryDialogs, MemoryStore
 
 ACCOUNT = uuid.UUID("00000000-0000-4000-8000-0000000000a1")

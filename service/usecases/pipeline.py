@@ -33,6 +33,7 @@ from service.domain.dialog import (
     apply_changes,
     merge_messages,
 )
+from service.domain.events import HotLead
 from service.domain.facts import LeadFacts, empty_facts
 from service.domain.lead import LeadRow, fact_columns
 from service.domain.scoring import Score, interest_for, score
@@ -52,18 +53,6 @@ class DialogSource(Protocol):
     ) -> Dialog | None: ...
 
     async def contact_of_message(self, instance: str, message_id: str) -> str | None: ...
-
-
-class HotLead(msgspec.Struct, kw_only=True):
-    """Payload of the `lead.hot` event."""
-
-    account: uuid.UUID
-    instance: str
-    contact: str
-    contact_name: str | None
-    score: int
-    summary: str
-    lead_id: uuid.UUID | None
 
 
 class ContactOutcome(msgspec.Struct, kw_only=True):
@@ -95,7 +84,7 @@ class Pipeline:
         self._store = store
         self._analyzer = analyzer
         self._metrics = metrics
-        self.on_hot = on_hot  # where `lead.hot` goes; set by the consumer
+        self._on_hot = on_hot  # where `lead.hot` goes; wired by the bootstrap
 
     @property
     def analyzer_name(self) -> str:
@@ -223,8 +212,8 @@ class Pipeline:
             return self._done("stale", instance, phone, analyzer=analysis.analyzer)
 
         became_hot = result.interest_level == "hot" and result.previous_interest != "hot"
-        if became_hot and self.on_hot is not None:
-            await self.on_hot(
+        if became_hot and self._on_hot is not None:
+            await self._on_hot(
                 HotLead(
                     account=account,
                     instance=instance,
@@ -278,12 +267,12 @@ class Pipeline:
     async def _renotify(
         self, account: uuid.UUID, instance: str, phone: str, state: StoredState
     ) -> None:
-        if self.on_hot is None:
+        if self._on_hot is None:
             return
         row = await self._store.get_lead(account, state.id)
         if row is None or row.interest_level != "hot":
             return
-        await self.on_hot(
+        await self._on_hot(
             HotLead(
                 account=account,
                 instance=instance,

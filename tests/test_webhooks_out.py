@@ -24,11 +24,11 @@ from standardwebhooks.webhooks import Webhook
 from consumers.webhooks import WebhookWorkers
 from service.adapters.broker.confirm import publish_confirmed
 from service.adapters.broker.connection import connect_once
+from service.adapters.broker.dead_letters import list_dead, replay_dead
 from service.adapters.broker.topology import Topology
 from service.adapters.stores.postgres import PostgresStore
 from service.adapters.webhooks_out.signing import new_secret, secret_key, signature
 from service.adapters.webhooks_out.targets import TargetPolicy, TargetRefusedError
-from service.cli.dlq import list_dead, replay_dead
 from service.config import Settings
 from service.domain.webhooks import (
     check_url,

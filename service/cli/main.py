@@ -15,12 +15,16 @@ import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import msgspec
 
 from service.config import ConfigError, Settings, load_settings
 from service.logs import setup_logging
+
+if TYPE_CHECKING:  # the commands import what they use when run: `--help` stays fast
+    from service.bootstrap.builders import ReadParts
+    from service.usecases.backfill import BackfillOptions
 
 EXIT_USAGE = 2
 
@@ -216,9 +220,9 @@ def _fail(message: str) -> NoReturn:
 
 def describe_error(exc: BaseException) -> str | None:
     """One line for the errors a user meets (unreachable services, wrong credentials)."""
-    from service.cli.explain import explain
+    from service.adapters.failures import cli_line
 
-    return explain(exc)
+    return cli_line(exc)
 
 
 # -- commands ---------------------------------------------------------------------------
@@ -377,7 +381,7 @@ async def _cmd_index(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
-    from service.cli.dlq import list_dead, replay_dead
+    from service.adapters.broker.dead_letters import list_dead, replay_dead
 
     if args.action == "list":
         depth, letters = await list_dead(settings, args.limit)
@@ -409,47 +413,20 @@ async def _cmd_topology(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
-    from service.bootstrap.builders import app_context
+    from service.adapters.analyzers.prompt import estimate_tokens
+    from service.bootstrap.builders import backfill_parts, read_parts
     from service.cli.progress import Progress
-    from service.usecases.backfill import BackfillOptions, BackfillStats, dry_run, run_backfill
+    from service.usecases.backfill import BackfillStats, dry_run, run_backfill
 
-    async with app_context(settings, analyzer=not args.dry_run) as ctx:
-        reader = ctx.reader
-        store = ctx.require_store()
-        assert reader is not None
-        if not await reader.instance_exists(args.instance):
-            raise UserError(f"unknown instance {args.instance!r}: no such Evolution instance")
-        account = args.account or await store.instance_account(args.instance)
-        if account is None:
-            raise UserError(
-                f"instance {args.instance!r} is not mapped to an account: pass --account or run "
-                f"`crm-backend instances add {args.instance} --account <uuid>`"
-            )
-        mapped = await store.instance_account(args.instance)
-        if mapped is not None and mapped != account:
-            raise UserError(f"instance {args.instance!r} belongs to another account")
-        options = BackfillOptions(
-            instance=args.instance,
-            account=account,
-            min_incoming=settings.min_incoming if args.min_incoming is None else args.min_incoming,
-            max_contacts=args.max_contacts,
-            max_dialogs=args.max_dialogs,
-            concurrency=args.concurrency or settings.analysis_concurrency,
-            since=args.since,
-            force=args.force,
-        )
-        if args.dry_run:
-            from service.adapters.analyzers.prompt import estimate_tokens
-
-            async def unchanged(summary: Any) -> bool:
-                state = await store.get_state(account, args.instance, summary.contact.phone)
-                return state is not None and state.last_message_id == summary.last_message_id
-
+    if args.dry_run:
+        async with read_parts(settings) as parts:
+            reader, store = parts.reader, parts.store
+            options = await _backfill_options(parts, settings, args)
             estimate = await dry_run(
                 reader,
                 options,
                 lambda dialog: estimate_tokens(dialog, settings),
-                unchanged,
+                store,
                 settings.max_dialog_messages,
                 settings.openai_model if settings.analyzer_kind() == "openai" else None,
                 lambda line: print(line, file=sys.stderr),
@@ -457,9 +434,12 @@ async def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
             print(msgspec.json.encode(estimate).decode())
             return 0
 
-        pipeline = ctx.require_pipeline()
+    async with backfill_parts(settings) as ctx:
+        reader = ctx.reader
+        options = await _backfill_options(ctx, settings, args)
+        pipeline = ctx.pipeline
         progress = Progress(sys.stderr)
-        stats = BackfillStats()
+        stats = BackfillStats.zero()
         task = asyncio.create_task(
             run_backfill(pipeline, reader, options, progress.update, stats=stats)
         )
@@ -478,6 +458,35 @@ async def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
         out.pop("skipped", None)
         print(msgspec.json.encode(out).decode())
         return 130 if interrupted else 0
+
+
+async def _backfill_options(
+    parts: ReadParts, settings: Settings, args: argparse.Namespace
+) -> BackfillOptions:
+    from service.usecases.backfill import BackfillOptions
+
+    reader, store = parts.reader, parts.store
+    if not await reader.instance_exists(args.instance):
+        raise UserError(f"unknown instance {args.instance!r}: no such Evolution instance")
+    account = args.account or await store.instance_account(args.instance)
+    if account is None:
+        raise UserError(
+            f"instance {args.instance!r} is not mapped to an account: pass --account or run "
+            f"`crm-backend instances add {args.instance} --account <uuid>`"
+        )
+    mapped = await store.instance_account(args.instance)
+    if mapped is not None and mapped != account:
+        raise UserError(f"instance {args.instance!r} belongs to another account")
+    return BackfillOptions(
+        instance=args.instance,
+        account=account,
+        min_incoming=settings.min_incoming if args.min_incoming is None else args.min_incoming,
+        max_contacts=args.max_contacts,
+        max_dialogs=args.max_dialogs,
+        concurrency=args.concurrency or settings.analysis_concurrency,
+        since=args.since,
+        force=args.force,
+    )
 
 
 def _require_rest_auth(settings: Settings) -> None:
@@ -513,7 +522,9 @@ async def _serve_until_stopped(settings: Settings, *, consume: bool, serve: bool
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     bridge_on = consume and bool(settings.evolution_amqp_exchange)
-    async with app_context(settings, publisher=serve or bridge_on, lifecycle=True) as ctx:
+    async with app_context(
+        settings, publisher=serve or bridge_on, lifecycle=True, hot_leads=consume
+    ) as ctx:
         workers: list[Any] = []  # consumers; started in the background
         starting: list[asyncio.Task[None]] = []
         failures: list[BaseException] = []
@@ -649,12 +660,11 @@ async def _cases_from_edits(
     settings: Settings, args: argparse.Namespace, has_truth: Any, truth_from_edits: Any
 ) -> list[Any]:
     from service.adapters.stores.base import LeadQuery
-    from service.bootstrap.builders import app_context
+    from service.bootstrap.builders import read_parts
     from service.usecases.evaluation import EvalCase
 
-    async with app_context(settings, analyzer=False) as ctx:
-        store, reader = ctx.require_store(), ctx.reader
-        assert reader is not None
+    async with read_parts(settings) as ctx:
+        store, reader = ctx.store, ctx.reader
         account = args.account or await store.instance_account(args.instance)
         if account is None:
             raise UserError(

@@ -26,6 +26,7 @@ from service.adapters.broker.confirm import publish_confirmed
 from service.adapters.broker.connection import connect_once
 from service.adapters.broker.dead_letters import list_dead, replay_dead
 from service.adapters.broker.topology import Topology
+from service.adapters.stores.base import StoreUnavailableError
 from service.adapters.stores.postgres import PostgresStore
 from service.adapters.webhooks_out.signing import new_secret, secret_key, signature
 from service.adapters.webhooks_out.targets import TargetPolicy, TargetRefusedError
@@ -433,3 +434,53 @@ async def test_add_refuses_bad_targets(results_dsn: str, account: uuid.UUID) -> 
         assert await store.list_webhook_endpoints(account) == []
     finally:
         await store.close()
+
+
+class FailingFirst:
+    """The real store, failing its first `failures` endpoint look-ups as an outage would."""
+
+    def __init__(self, store: PostgresStore, failures: int) -> None:
+        self._store = store
+        self.failures = failures
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def webhook_endpoints_for(self, account: uuid.UUID, event_type: str) -> Any:
+        if self.failures > 0:
+            self.failures -= 1
+            raise StoreUnavailableError("results database unavailable while reading")
+        return await self._store.webhook_endpoints_for(account, event_type)
+
+
+async def test_fanout_waits_out_a_store_outage(
+    results_dsn: str, amqp_url: str, amqp_prefix: str, receiver: Receiver, account: uuid.UUID
+) -> None:
+    settings = make_settings(
+        evolution_dsn=results_dsn,
+        results_dsn=results_dsn,
+        amqp_url=amqp_url,
+        prefix=amqp_prefix,
+        notify_retry_delays=DELAYS,
+        notify_timeout=1,
+    )
+    await declare_topology(settings)
+    store = await PostgresStore.open(results_dsn)
+    flaky = FailingFirst(store, failures=2)
+    metrics = Metrics()
+    workers = WebhookWorkers(settings, flaky, metrics)  # type: ignore[arg-type]
+    try:
+        await workers.start()
+        endpoint = await add_endpoint(store, ANY, account, receiver.url_of("later"), None)
+        receiver.secrets["later"] = endpoint.secret
+        started = time.monotonic()
+        event_id, body = await publish_event(settings, "lead.hot", account)
+        await receiver.wait(lambda: receiver.accepted("later"), what="the delivery")
+        waited = time.monotonic() - started
+    finally:
+        await workers.stop()
+        await store.close()
+        await delete_topology(settings)
+    assert flaky.failures == 0 and waited >= 0.3 + 0.6  # two retry tiers waited out
+    assert [r.webhook_id for r in receiver.of("later")] == [webhook_id(event_id, endpoint.id)]
+    assert receiver.of("later")[0].body == body

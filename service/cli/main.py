@@ -138,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     nremove = nsub.add_parser("remove", help="remove an endpoint; its pending deliveries drop")
     nremove.add_argument("id", type=_uuid)
 
-    dlq = sub.add_parser("dlq", help="inspect and re-queue dead-lettered events and webhook deliveries")
+    dlq = sub.add_parser(
+        "dlq", help="inspect and re-queue dead-lettered events and webhook deliveries"
+    )
     dsub = dlq.add_subparsers(dest="action", required=True, parser_class=_Parser)
     dlist = dsub.add_parser("list")
     dlist.add_argument("--limit", type=_positive, default=50)

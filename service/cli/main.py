@@ -320,7 +320,6 @@ async def _store(settings: Settings) -> AsyncIterator[ResultsStore]:
 
 
 async def _cmd_notify(settings: Settings, args: argparse.Namespace) -> int:
-    from service.adapters.stores.factory import open_store
     from service.adapters.stores.webhooks import webhook_store
     from service.adapters.webhooks_out.targets import TargetPolicy
     from service.domain.webhooks import masked_secret, redact_url
@@ -331,8 +330,7 @@ async def _cmd_notify(settings: Settings, args: argparse.Namespace) -> int:
         remove_endpoint,
     )
 
-    store = await open_store(settings)
-    try:
+    async with _store(settings) as store:
         endpoints = webhook_store(store)
         if args.action == "add":
             try:
@@ -364,8 +362,6 @@ async def _cmd_notify(settings: Settings, args: argparse.Namespace) -> int:
             if not await remove_endpoint(endpoints, args.id):
                 raise UserError(f"no webhook endpoint {args.id}")
             print(f"removed {args.id}")
-    finally:
-        await store.close()
     return 0
 
 

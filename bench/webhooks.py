@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import secrets
 import statistics
 import time
@@ -30,6 +31,7 @@ from service.adapters.stores.migrations import apply_migrations
 from service.adapters.stores.postgres import PostgresStore
 from service.adapters.webhooks_out.targets import TargetPolicy
 from service.config import load_settings
+from service.logs import setup_logging
 from service.metrics import Metrics
 from service.usecases.webhook_endpoints import add_endpoint
 
@@ -41,8 +43,15 @@ async def run(events: int, endpoints: int, slow: int, slow_seconds: float) -> No
     dsn = await create_database(name)
     prefix = f"crmb.{secrets.token_hex(3)}"
     settings = load_settings(
-        {"RESULTS_DATABASE_URL": dsn, "AMQP_PREFIX": prefix, "LOG_LEVEL": "ERROR"}, dotenv=None
+        {
+            "RESULTS_DATABASE_URL": dsn,
+            "AMQP_PREFIX": prefix,
+            "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "ERROR"),
+            "NOTIFY_ENDPOINT_CONCURRENCY": os.environ.get("NOTIFY_ENDPOINT_CONCURRENCY", "8"),
+        },
+        dotenv=None,
     )
+    setup_logging(settings)
     received: dict[str, list[float]] = {}
     published: dict[str, float] = {}
 
@@ -62,7 +71,8 @@ async def run(events: int, endpoints: int, slow: int, slow_seconds: float) -> No
     await web.TCPSite(runner, "127.0.0.1", PORT).start()
     await apply_migrations(dsn)
     store = await PostgresStore.open(dsn)
-    workers = WebhookWorkers(settings, store, Metrics())
+    metrics = Metrics()
+    workers = WebhookWorkers(settings, store, metrics)
     connection = await connect_once(settings, "bench")
     try:
         await workers.start()
@@ -108,6 +118,19 @@ async def run(events: int, endpoints: int, slow: int, slow_seconds: float) -> No
                 else ""
             )
         )
+        outcomes = {
+            outcome: int(
+                metrics.registry.get_sample_value(
+                    "crm_notify_deliveries_total", {"outcome": outcome}
+                )
+                or 0
+            )
+            for outcome in ("sent", "failed", "deferred", "duplicate")
+        }
+        seconds = metrics.registry.get_sample_value("crm_notify_attempt_duration_seconds_sum")
+        count = metrics.registry.get_sample_value("crm_notify_attempt_duration_seconds_count")
+        mean = (seconds or 0) / (count or 1) * 1000
+        print(f"webhooks: outcomes {outcomes}; mean attempt (POST and answer) {mean:.1f} ms")
     finally:
         await workers.stop()
         cleanup = await connection.channel()
@@ -128,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoints", type=int, default=3)
     parser.add_argument("--slow", type=int, default=1)
     parser.add_argument("--slow-seconds", type=float, default=2.0)
+    parser.add_argument("--endpoint-concurrency", type=int)
     args = parser.parse_args(argv or [])
+    if args.endpoint_concurrency:
+        os.environ["NOTIFY_ENDPOINT_CONCURRENCY"] = str(args.endpoint_concurrency)
     asyncio.run(run(args.events, args.endpoints, args.slow, args.slow_seconds))
     return 0

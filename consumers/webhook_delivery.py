@@ -1,8 +1,9 @@
 """Sends webhook deliveries: a signed POST per attempt, retries off the main queue.
 
-Reads `P.webhooks.deliveries` with NOTIFY_CONCURRENCY deliveries in flight, each bounded by
-NOTIFY_TIMEOUT, at most NOTIFY_ENDPOINT_CONCURRENCY of them to one endpoint (more wait in
-the shortest retry tier), so a slow or dead endpoint holds a few slots and nothing else.
+Reads `P.webhooks.deliveries` with NOTIFY_CONCURRENCY deliveries held, each attempt bounded
+by NOTIFY_TIMEOUT, at most NOTIFY_ENDPOINT_CONCURRENCY of them sending to one endpoint at
+once; one endpoint holds at most half the deliveries (the rest of its deliveries wait in
+the shortest retry tier), so a slow or dead endpoint leaves the other half to the others.
 
 Per delivery: a claim in the results store (crm_webhook_claim) lets one sender at a time
 send it and none after a 2xx; then the POST. A 2xx ends it. Any other answer, a timeout or
@@ -63,7 +64,13 @@ class WebhookDelivery(QueueWorker):
         self._publisher = publisher
         self._sender = sender
         self._metrics = metrics
-        self._per_endpoint: Counter[uuid.UUID] = Counter()
+        # Per endpoint: deliveries held (sending or waiting for a sending slot), and the
+        # gate of its NOTIFY_ENDPOINT_CONCURRENCY sending slots.
+        self._held: Counter[uuid.UUID] = Counter()
+        self._gates: dict[uuid.UUID, asyncio.Semaphore] = {}
+        # The most deliveries one endpoint holds: half the process's slots (at least its
+        # sending slots), so a slow endpoint leaves the other half to the rest.
+        self._share = max(settings.notify_endpoint_concurrency, settings.notify_concurrency // 2)
 
     async def start(self, stop: asyncio.Event | None = None) -> None:
         await self._sender.start()
@@ -86,16 +93,26 @@ class WebhookDelivery(QueueWorker):
             await self._dead(message, None, 0, "delivery without its webhook headers")
             return
         attempt = attempt_of(headers)
-        if self._per_endpoint[ref.endpoint_id] >= self._settings.notify_endpoint_concurrency:
+        endpoint = ref.endpoint_id
+        if self._held[endpoint] >= self._share:
+            # This endpoint already holds its share of the slots: the rest of its
+            # deliveries wait in the shortest retry tier, the slots stay free for others.
             await self._later(message, ref, attempt, None, "deferred")
             return
-        self._per_endpoint[ref.endpoint_id] += 1
+        self._held[endpoint] += 1
+        gate = self._gates.get(endpoint)
+        if gate is None:
+            gate = self._gates[endpoint] = asyncio.Semaphore(
+                self._settings.notify_endpoint_concurrency
+            )
         try:
-            await self._deliver(message, ref, attempt)
+            async with gate:
+                await self._deliver(message, ref, attempt)
         finally:
-            self._per_endpoint[ref.endpoint_id] -= 1
-            if self._per_endpoint[ref.endpoint_id] <= 0:
-                del self._per_endpoint[ref.endpoint_id]
+            self._held[endpoint] -= 1
+            if self._held[endpoint] <= 0:
+                del self._held[endpoint]
+                del self._gates[endpoint]
 
     async def _deliver(
         self, message: AbstractIncomingMessage, ref: DeliveryRef, attempt: int

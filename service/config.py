@@ -174,7 +174,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # failure waits the n-th, the last repeats; a `Retry-After` picks a later one, capped
     # at the last).
     notify_concurrency: int = 32
-    notify_endpoint_concurrency: int = 4
+    notify_endpoint_concurrency: int = 8
     notify_timeout: float = 15.0
     notify_max_attempts: int = 8
     notify_retry_delays: str = "5,30,120,600,1800,3600"

@@ -52,15 +52,19 @@ def _body(phone: str, text: str, ts: int, msg_id: str) -> dict[str, Any]:
 
 
 async def _bench(args: argparse.Namespace) -> int:
-    from aiohttp import web
 
     from consumers.contacts import ContactConsumer
-    from handlers.app import make_app
-    from service.app import app_context
+    from handlers.http_app import make_app
+    from handlers.server import start_local
+    from service.adapters.evolution.seed import (
+        create_instance,
+        create_schema,
+        insert_webhook_message,
+    )
+    from service.adapters.stores.migrations import apply_migrations
+    from service.bootstrap.builders import app_context
     from service.domain.facts import empty_facts
-    from service.evolution.seed import create_instance, create_schema, insert_webhook_message
     from service.logs import setup_logging
-    from service.migrations import apply_migrations
     from tests.fakes.openai_server import FakeOpenAI
     from tests.harness import delete_topology
 
@@ -91,15 +95,11 @@ async def _bench(args: argparse.Namespace) -> int:
                 dotenv=None,
             )
             setup_logging(settings)
-            async with app_context(settings, publisher=True) as ctx:
+            async with app_context(settings, publisher=True, hot_leads=True) as ctx:
                 await ctx.require_store().add_instance("bench", uuid.uuid4())
                 consumer = ContactConsumer(ctx)
                 await consumer.start()
-                runner = web.AppRunner(make_app(ctx), access_log=None)
-                await runner.setup()
-                site = web.TCPSite(runner, "127.0.0.1", 0)
-                await site.start()
-                port = runner.addresses[0][1]
+                runner, port = await start_local(make_app(ctx))
                 url = f"http://127.0.0.1:{port}/webhooks/evolution?token=bench"
                 evo_conn = await asyncpg.create_pool(_dsn(evo), min_size=1, max_size=args.parallel)
                 res_conn = await asyncpg.create_pool(_dsn(res), min_size=1, max_size=args.parallel)

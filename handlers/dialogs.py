@@ -1,7 +1,7 @@
 """REST `/dialogs/...`: the original service's paths, parameters and response shapes.
 
 Handlers only translate HTTP into calls of the results store, the manual-edit rules
-(`service.lead_edits`) and the backfill runner; every read and write is scoped to the
+(`service.usecases.lead_edits`) and the backfill runner; every read and write is scoped to the
 account given. Routes and `/openapi.json` are both built from `ROUTES`.
 """
 
@@ -16,24 +16,14 @@ from datetime import UTC, datetime
 from aiohttp import web
 from loguru import logger
 
-from handlers.app import CTX, context
-from handlers.errors import ApiError, decode_body, json_response, parse_query, path_uuid
-from service.backfill import BackfillOptions, run_backfill
-from service.csv_export import csv_chunks
-from service.lead_edits import (
-    PHONE_MAX_DIGITS,
-    PHONE_MIN_DIGITS,
-    new_manual_lead,
-    normalized_phone,
-    patch_update,
-)
-from service.rest_models import (
+from handlers.app_context import CTX, context
+from handlers.http_errors import ApiError, decode_body, json_response, parse_query, path_uuid
+from handlers.rest_models import (
     AccountParams,
     AnalysisListParams,
     AnalysisListResponse,
     AnalyzeBody,
     AnalyzeResponse,
-    AnalyzeStats,
     DeleteResponse,
     Endpoint,
     ExportParams,
@@ -44,7 +34,17 @@ from service.rest_models import (
     StatsResponse,
     lead_out,
 )
-from service.stores.base import DuplicateLeadError, LeadRow, ResultsStore
+from service.adapters.stores.base import DuplicateLeadError, ResultsStore
+from service.domain.lead import LeadRow
+from service.usecases.backfill import BackfillOptions, run_backfill
+from service.usecases.csv_export import csv_chunks
+from service.usecases.lead_edits import (
+    PHONE_MAX_DIGITS,
+    PHONE_MIN_DIGITS,
+    new_manual_lead,
+    normalized_phone,
+    patch_update,
+)
 
 RouteHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 EXPORTS: web.AppKey[asyncio.Semaphore] = web.AppKey("csv_exports", asyncio.Semaphore)
@@ -157,7 +157,7 @@ async def create_lead(request: web.Request) -> web.Response:
         raise ApiError(400, f"field phone must be {expected}", {"field": "phone"})
     store = _store(request)
     await _require_instance(store, body.instance_name, body.user_account_id)
-    row = new_manual_lead(body, phone, datetime.now(UTC))
+    row = new_manual_lead(body.new_lead(phone), datetime.now(UTC))
     try:
         created = await store.create_lead(row)
     except DuplicateLeadError:
@@ -221,16 +221,7 @@ async def analyze(request: web.Request) -> web.Response:
         result.errors,
         instance=body.instance_name,
     )
-    out = AnalyzeStats(
-        total=result.total,
-        analyzed=result.analyzed,
-        new_leads=result.new_leads,
-        hot=result.hot,
-        warm=result.warm,
-        cold=result.cold,
-        errors=result.errors,
-    )
-    return json_response(AnalyzeResponse(success=True, stats=out))
+    return json_response(AnalyzeResponse(success=True, stats=result.counts()))
 
 
 ROUTES: tuple[tuple[Endpoint, RouteHandler], ...] = (

@@ -21,14 +21,14 @@ import msgspec
 import pytest
 
 from consumers.contacts import ContactConsumer
-from service.app import app_context
-from service.broker.assignment import assign
-from service.broker.connection import connect_cluster, connection_name
-from service.broker.envelope import H_ATTEMPT, H_IDEMPOTENCY_KEYS, encode_batch, shard_for
-from service.broker.migrate import migrate_topology
-from service.broker.publisher import BrokerUnavailableError, EventPublisher
-from service.broker.topology import H_LEGACY_RETRY_TIER, Topology
-from service.broker.urls import node_urls
+from service.adapters.broker.assignment import assign
+from service.adapters.broker.connection import connect_cluster, connection_name
+from service.adapters.broker.envelope import H_ATTEMPT, H_IDEMPOTENCY_KEYS, encode_batch, shard_for
+from service.adapters.broker.migrate import migrate_topology
+from service.adapters.broker.publisher import BrokerUnavailableError, EventPublisher
+from service.adapters.broker.topology import H_LEGACY_RETRY_TIER, Topology
+from service.amqp_urls import node_urls
+from service.bootstrap.builders import app_context
 from service.config import ConfigError, Settings, load_settings
 from tests.harness import delete_topology, message_body, queue_depth, running_service
 from tests.test_consumer import HOT_DIALOG, CountingAnalyzer, FailingAnalyzer
@@ -203,9 +203,9 @@ async def test_unroutable_retry_keeps_the_original_delivery(settings: Settings) 
         await svc.wait_for(retried_twice, timeout=30, what="a second attempt")
     # Nothing acked away: the event still waits in its shard queue, nothing dead-lettered.
     assert await queue_depth(settings) == 3  # one message per webhook
-    from consumers.dlq import dead_letter_depth
+    from service.adapters.broker.dead_letters import dead_queue_depth
 
-    assert await dead_letter_depth(settings) == 0
+    assert await dead_queue_depth(settings, 5.0) == 0
 
 
 async def test_lead_hot_is_not_lost_while_unroutable(settings: Settings) -> None:
@@ -215,7 +215,7 @@ async def test_lead_hot_is_not_lost_while_unroutable(settings: Settings) -> None
     phone = "77014000003"
     t0 = int(time.time()) - 7200
     async with running_service(settings, analyzer=CountingAnalyzer()) as svc:
-        svc.consumer._notifier._patience = 1.0
+        svc.ctx.hot_leads._notifier._patience = 1.0  # type: ignore[union-attr]
         for i, (from_me, text) in enumerate(HOT_DIALOG):
             await svc.send(message_body(phone, text, from_me=from_me, ts=t0 + i * 60))
             if i == 0:  # intake has declared the topology by now: nothing re-creates it
@@ -293,7 +293,7 @@ async def eight_shards(service_settings: Settings) -> AsyncIterator[Settings]:
 
 async def test_consumers_started_apart_converge_and_take_over(eight_shards: Settings) -> None:
     settings = eight_shards
-    async with app_context(settings) as ctx:
+    async with app_context(settings, hot_leads=True) as ctx:
         consumers: list[ContactConsumer] = []
 
         def split() -> list[int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
@@ -28,8 +28,13 @@ EVIDENCE_FACTS: tuple[str, ...] = get_args(EvidenceFact)
 class Evidence(msgspec.Struct, frozen=True):
     """One message behind a fact."""
 
-    message_id: str
-    quote: str
+    message_id: Annotated[str, msgspec.Meta(description="Evolution's key.id of the message")]
+    quote: Annotated[
+        str,
+        msgspec.Meta(
+            description=f"Verbatim part of the message's text, at most {QUOTE_CHARS} chars"
+        ),
+    ]
 
 
 Citations = tuple[Evidence, ...]

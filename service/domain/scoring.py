@@ -6,11 +6,13 @@ Interest: hot >= 75, warm 40-74, cold <= 39.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
+from typing import Annotated, Any
 
 import msgspec
 
-from service.domain.evidence import NO_EVIDENCE, Citations, FactEvidence
+from service.domain.evidence import NO_EVIDENCE, Citations, EvidenceFact, FactEvidence
 from service.domain.facts import FunnelStage, InterestLevel, LeadFacts, Niche
 
 STAGE_BASE: dict[str, int] = {
@@ -42,12 +44,17 @@ class ScoreLine(msgspec.Struct, frozen=True):
 
     reason: str
     points: int
-    # funnel_stage, niche, is_owner or ad_budget; None for the clamp line.
-    fact: str | None = None
-    evidence: Citations = ()
-    # The fact was set by hand (PATCH or a lead created by hand): no message stands
-    # behind it, so its evidence is empty.
-    manual: bool = False
+    fact: Annotated[
+        EvidenceFact | None, msgspec.Meta(description="The fact the line stands on (none: clamp)")
+    ] = None
+    evidence: Annotated[
+        Citations,
+        msgspec.Meta(description="The messages behind the fact, at most three; [] when none"),
+    ] = ()
+    manual: Annotated[
+        bool,
+        msgspec.Meta(description="The fact was set by hand: no message stands behind it"),
+    ] = False
 
 
 class Score(msgspec.Struct, frozen=True, kw_only=True):
@@ -63,6 +70,26 @@ class ScoreInputs(msgspec.Struct, frozen=True, kw_only=True):
     niche: Niche = "other"
     is_owner: bool | None = None
     budget_stated: bool = False
+
+
+def breakdown_json(lines: Sequence[ScoreLine]) -> list[dict[str, Any]]:
+    """Score lines as the `score_breakdown` column holds them (JSON objects and arrays)."""
+    stored: list[dict[str, Any]] = msgspec.json.decode(msgspec.json.encode(lines))
+    return stored
+
+
+def stored_breakdown(lines: Sequence[Any] | None) -> list[ScoreLine] | None:
+    """A stored `score_breakdown` as score lines; lines of older rows (reason and points
+    only) get no fact and no evidence, and an entry that is no score line is left out."""
+    if lines is None:
+        return None
+    kept: list[ScoreLine] = []
+    for line in lines:
+        try:
+            kept.append(msgspec.convert(line, ScoreLine))
+        except msgspec.ValidationError:
+            continue
+    return kept
 
 
 def interest_for(total: int) -> InterestLevel:
@@ -91,7 +118,7 @@ def score(
     facts in `manual` (set by hand)."""
     inputs = facts if isinstance(facts, ScoreInputs) else score_inputs(facts)
 
-    def line(reason: str, points: int, fact: str) -> ScoreLine:
+    def line(reason: str, points: int, fact: EvidenceFact) -> ScoreLine:
         if fact in manual:
             return ScoreLine(reason, points, fact, (), True)
         return ScoreLine(reason, points, fact, evidence.of(fact))

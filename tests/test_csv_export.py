@@ -17,9 +17,9 @@ from service.usecases.csv_export import (
     ORIGINAL_COLUMNS,
     breakdown_text,
     csv_chunks,
-    evidence_text,
     encode_header,
     encode_rows,
+    evidence_text,
     neutralise,
 )
 

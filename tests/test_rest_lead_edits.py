@@ -9,8 +9,8 @@ import msgspec
 import pytest
 
 from handlers.rest_models import LEAD_OUT_FIELDS, LeadCreateBody, LeadPatchBody, lead_out
-from service.domain.lead import LeadRow
 from service.domain.evidence import EVIDENCE_FACTS
+from service.domain.lead import LeadRow
 from service.domain.scoring import ScoreInputs, breakdown_json, score
 from service.usecases.lead_edits import new_manual_lead, normalized_phone, patch_update
 

@@ -8,6 +8,7 @@ substring of that message's text, cut by code (never written by a model), at mos
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Annotated, Any, Literal, get_args
@@ -17,6 +18,7 @@ import msgspec
 from service.domain.dialog import Dialog, DialogMessage
 
 QUOTE_CHARS = 120
+_WORD = re.compile(r"\S")
 # Evidence kept per fact: enough to show why, short enough for a CSV cell.
 MAX_PER_FACT = 3
 
@@ -107,8 +109,14 @@ def quote(text: str, start: int = 0, end: int | None = None, limit: int = QUOTE_
         if b < hi and not text[b].isspace():
             wb = _back_to_space(text, end, b)
         cut = _trimmed(text, wa, wb)
-    # Whitespace in the wrong places can leave nothing: then the window is cut hard.
-    return cut or _trimmed(text, a, b)
+    # Whitespace in the wrong places can leave nothing: then the window is cut hard, and
+    # where even that is blank, the quote moves to the nearest words.
+    cut = cut or _trimmed(text, a, b)
+    if cut:
+        return cut
+    word = _WORD.search(text, end)
+    at = word.start() if word else len(text[:start].rstrip()) - 1
+    return "" if at < 0 else quote(text, at, at + 1, limit)
 
 
 def _forward_to_space(text: str, a: int, limit: int) -> int:

@@ -32,19 +32,19 @@ from loguru import logger
 from consumers.membership import Membership
 from service.adapters.broker.assignment import assign
 from service.adapters.broker.confirm import BrokerUnavailableError, NackedError, publish_confirmed
-from service.adapters.broker.connection import connect_cluster
+from service.adapters.broker.connection import connect_until_up
 from service.adapters.broker.envelope import (
     H_ATTEMPT,
     H_ERROR,
-    H_IDEMPOTENCY_KEYS,
     H_ORIGINAL_ROUTING_KEY,
     QueuedEvent,
+    batch_headers,
+    by_shard,
     decode_batch,
     encode_batch,
     header_int,
     shard_for,
 )
-from service.adapters.broker.notifier import Notifier
 from service.adapters.broker.topology import Topology
 from service.adapters.evolution.resolver import ContactResolver
 from service.bootstrap.context import AppContext
@@ -52,7 +52,6 @@ from service.config import Settings
 from service.domain.dialog import DialogMessage, from_unix
 from service.logs import contact_hash
 from service.usecases.intake_guard import event_problem
-from service.usecases.pipeline import HotLead
 
 _ACCOUNT_TTL = 30.0  # seconds an instance -> account lookup is reused
 # Events whose contact is not known yet (a LID-only message, an edit or delete of a
@@ -129,13 +128,12 @@ class ContactConsumer:
             else Membership(self._topology, member, interval=heartbeat, expiry=3.5 * heartbeat)
         )
         self._rebalancer: asyncio.Task[None] | None = None
-        self._notifier = Notifier(self._publish, self._topology)
         self._renewed_at = -1.0
         self._stopping = False
         self._resolver = ContactResolver(ctx.reader, pairs=self._store)
         self.analyses_started = 0  # for tests and metrics: pipeline runs begun
-        if self._pipeline.on_hot is None:
-            self._pipeline.on_hot = self.publish_hot
+        if ctx.hot_leads is not None:
+            ctx.hot_leads.bind(self._publish)
 
     @property
     def shards(self) -> list[int]:
@@ -145,19 +143,7 @@ class ContactConsumer:
     # -- lifecycle -------------------------------------------------------------------
     async def start(self, stop: asyncio.Event | None = None) -> None:
         """Connect (retrying while no node is reachable) and start consuming."""
-        delay = 0.5
-        while True:
-            try:
-                self._connection = await connect_cluster(self._settings, "consume")
-                break
-            except (OSError, aio_pika.exceptions.AMQPError, TimeoutError) as exc:
-                # The first connect raises when no node answers; later drops are
-                # recovered (on any node) by the robust connection itself.
-                logger.warning("broker unreachable, retrying in {:.1f}s: {}", delay, exc)
-                if stop is not None and stop.is_set():
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 15.0)
+        self._connection = await connect_until_up(self._settings, "consume", stop)
         self._channel = await self._connection.channel()
         await self._channel.set_qos(prefetch_count=self._settings.consumer_prefetch)
         self._publish_channel = await self._connection.channel(
@@ -435,16 +421,9 @@ class ContactConsumer:
         self, exchange: str, events: list[QueuedEvent], headers: dict[str, Any]
     ) -> None:
         """One message per contact shard, confirmed; raises when the broker fails."""
-        by_shard: dict[str, list[QueuedEvent]] = {}
-        for event in events:
-            shard = shard_for(event.instance, event.contact_key, self._settings.queue_shards)
-            by_shard.setdefault(self._topology.shard_key(shard), []).append(event)
-        for routing_key, part in by_shard.items():
-            out = {
-                **headers,
-                H_IDEMPOTENCY_KEYS: [e.idempotency_key for e in part],
-                H_ORIGINAL_ROUTING_KEY: routing_key,
-            }
+        for shard, part in by_shard(events, self._settings.queue_shards).items():
+            routing_key = self._topology.shard_key(shard)
+            out = batch_headers(part, {**headers, H_ORIGINAL_ROUTING_KEY: routing_key})
             await self._publish(exchange, routing_key, encode_batch(part), out)
 
     def _schedule(self, key: tuple[str, str], contact: _Contact, now: float) -> None:
@@ -565,12 +544,9 @@ class ContactConsumer:
         routing_key = self._topology.shard_key(
             shard_for(instance, events[0].contact_key, self._settings.queue_shards)
         )
-        headers: dict[str, Any] = {
-            H_ATTEMPT: attempt,
-            H_ERROR: error[:500],
-            H_IDEMPOTENCY_KEYS: [e.idempotency_key for e in events],
-            H_ORIGINAL_ROUTING_KEY: routing_key,
-        }
+        headers = batch_headers(
+            events, {H_ATTEMPT: attempt, H_ERROR: error[:500], H_ORIGINAL_ROUTING_KEY: routing_key}
+        )
         try:
             if attempt >= self._settings.max_attempts:
                 await self._publish(
@@ -644,12 +620,6 @@ class ContactConsumer:
         if old is not None:
             with contextlib.suppress(Exception):
                 await old.close()
-
-    async def publish_hot(self, lead: HotLead) -> None:
-        """`lead.hot`, at least once: raises when it cannot be stored (the analysis then
-        counts as failed, and its retry sends the notification again)."""
-        await self._notifier.send("lead.hot", msgspec.json.encode(lead))
-        self._metrics.hot_leads.inc()
 
     def _settle(self, delivery: _Delivery, ok: bool) -> None:
         if delivery.settled:

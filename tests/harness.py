@@ -272,13 +272,15 @@ async def running_service(
     from consumers.contacts import ContactConsumer
     from handlers.http_app import make_app
 
-    async with app_context(settings, publisher=True) as ctx:
+    async with app_context(settings, publisher=True, hot_leads=consume) as ctx:
         if analyzer is not None:
             ctx.analyzer = analyzer
             from service.usecases.pipeline import Pipeline
 
             assert ctx.reader is not None and ctx.store is not None
-            ctx.pipeline = Pipeline(settings, ctx.reader, ctx.store, analyzer, ctx.metrics)
+            ctx.pipeline = Pipeline(
+                settings, ctx.reader, ctx.store, analyzer, ctx.metrics, on_hot=ctx.hot_leads
+            )
         server = TestServer(make_app(ctx))
         client = TestClient(server)
         await client.start_server()

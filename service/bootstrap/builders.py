@@ -6,10 +6,12 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from service.adapters.analyzers.base import Analyzer
+from service.adapters.broker.notifier import HotLeads
+from service.adapters.broker.topology import Topology
 from service.bootstrap.context import AppContext
 from service.config import Settings
 from service.metrics import Metrics
-from service.usecases.pipeline import HotSink, Pipeline
+from service.usecases.pipeline import Pipeline
 
 
 def make_analyzer(settings: Settings) -> Analyzer:
@@ -32,7 +34,7 @@ async def app_context(
     analyzer: bool = True,
     publisher: bool = False,
     metrics: Metrics | None = None,
-    on_hot: HotSink | None = None,
+    hot_leads: bool = False,
     lifecycle: bool = False,
 ) -> AsyncIterator[AppContext]:
     """Open the requested adapters; close them all on exit, newest first."""
@@ -65,8 +67,10 @@ async def app_context(
 
             ctx.publisher = EventPublisher(settings)
             stack.push_async_callback(ctx.publisher.close)
+        if hot_leads:
+            ctx.hot_leads = HotLeads(Topology(settings), ctx.metrics)
         if ctx.store is not None and ctx.reader is not None and ctx.analyzer is not None:
             ctx.pipeline = Pipeline(
-                settings, ctx.reader, ctx.store, ctx.analyzer, ctx.metrics, on_hot=on_hot
+                settings, ctx.reader, ctx.store, ctx.analyzer, ctx.metrics, on_hot=ctx.hot_leads
             )
         yield ctx

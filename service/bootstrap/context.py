@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from service.config import Settings
 from service.metrics import Metrics
@@ -11,6 +11,7 @@ from service.metrics import Metrics
 if TYPE_CHECKING:
     from service.adapters.analyzers.base import Analyzer
     from service.adapters.analyzers.model_lifecycle import ModelLifecycle
+    from service.adapters.broker.notifier import HotLeads
     from service.adapters.broker.publisher import EventPublisher
     from service.adapters.evolution.reader import EvolutionReader
     from service.adapters.stores.base import ResultsStore
@@ -26,9 +27,8 @@ class AppContext:
     analyzer: Analyzer | None = None
     publisher: EventPublisher | None = None
     pipeline: Pipeline | None = None
+    hot_leads: HotLeads | None = None  # the pipeline's lead.hot sink, in consuming processes
     model_lifecycle: ModelLifecycle | None = None  # shutdown-date watch of OPENAI_MODEL
-    # Extra named resources (e.g. a broker connection for /ready); closed by their owners.
-    extras: dict[str, Any] = field(default_factory=dict)
 
     def require_store(self) -> ResultsStore:
         if self.store is None:

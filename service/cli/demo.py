@@ -141,7 +141,7 @@ async def run_demo(
     )
     dialogs = load_sample_dialogs()
     bodies = webhook_bodies(dialogs, DEMO_INSTANCE)
-    async with app_context(demo, publisher=True) as ctx:
+    async with app_context(demo, publisher=True, hot_leads=True) as ctx:
         store = ctx.require_store()
         await store.add_instance(DEMO_INSTANCE, DEMO_ACCOUNT)
         consumer = ContactConsumer(ctx)

@@ -200,9 +200,9 @@ def _fail(message: str) -> NoReturn:
 
 def describe_error(exc: BaseException) -> str | None:
     """One line for the errors a user meets (unreachable services, wrong credentials)."""
-    from service.cli.explain import explain
+    from service.adapters.failures import cli_line
 
-    return explain(exc)
+    return cli_line(exc)
 
 
 # -- commands ---------------------------------------------------------------------------
@@ -311,7 +311,7 @@ async def _cmd_index(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
-    from service.cli.dlq import list_dead, replay_dead
+    from service.adapters.broker.dead_letters import list_dead, replay_dead
 
     if args.action == "list":
         depth, letters = await list_dead(settings, args.limit)
@@ -375,15 +375,11 @@ async def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
         if args.dry_run:
             from service.adapters.analyzers.prompt import estimate_tokens
 
-            async def unchanged(summary: Any) -> bool:
-                state = await store.get_state(account, args.instance, summary.contact.phone)
-                return state is not None and state.last_message_id == summary.last_message_id
-
             estimate = await dry_run(
                 reader,
                 options,
                 lambda dialog: estimate_tokens(dialog, settings),
-                unchanged,
+                store,
                 settings.max_dialog_messages,
                 settings.openai_model if settings.analyzer_kind() == "openai" else None,
                 lambda line: print(line, file=sys.stderr),
@@ -393,7 +389,7 @@ async def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
 
         pipeline = ctx.require_pipeline()
         progress = Progress(sys.stderr)
-        stats = BackfillStats()
+        stats = BackfillStats.zero()
         task = asyncio.create_task(
             run_backfill(pipeline, reader, options, progress.update, stats=stats)
         )
@@ -447,7 +443,9 @@ async def _serve_until_stopped(settings: Settings, *, consume: bool, serve: bool
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     bridge_on = consume and bool(settings.evolution_amqp_exchange)
-    async with app_context(settings, publisher=serve or bridge_on, lifecycle=True) as ctx:
+    async with app_context(
+        settings, publisher=serve or bridge_on, lifecycle=True, hot_leads=consume
+    ) as ctx:
         workers: list[Any] = []  # consumers; started in the background
         starting: list[asyncio.Task[None]] = []
         failures: list[BaseException] = []

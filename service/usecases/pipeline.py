@@ -33,6 +33,7 @@ from service.domain.dialog import (
     apply_changes,
     merge_messages,
 )
+from service.domain.events import HotLead
 from service.domain.evidence import FactEvidence, confined
 from service.domain.facts import LeadFacts, empty_facts
 from service.domain.lead import LeadRow, fact_columns
@@ -53,18 +54,6 @@ class DialogSource(Protocol):
     ) -> Dialog | None: ...
 
     async def contact_of_message(self, instance: str, message_id: str) -> str | None: ...
-
-
-class HotLead(msgspec.Struct, kw_only=True):
-    """Payload of the `lead.hot` event."""
-
-    account: uuid.UUID
-    instance: str
-    contact: str
-    contact_name: str | None
-    score: int
-    summary: str
-    lead_id: uuid.UUID | None
 
 
 class ContactOutcome(msgspec.Struct, kw_only=True):
@@ -96,7 +85,7 @@ class Pipeline:
         self._store = store
         self._analyzer = analyzer
         self._metrics = metrics
-        self.on_hot = on_hot  # where `lead.hot` goes; set by the consumer
+        self._on_hot = on_hot  # where `lead.hot` goes; wired by the bootstrap
 
     @property
     def analyzer_name(self) -> str:
@@ -140,12 +129,7 @@ class Pipeline:
             )
         else:
             state = await self._store.get_state(account, instance, phone)
-            if (
-                not force
-                and not extra_messages
-                and state is not None
-                and _is_current(state, summary.last_message_id, summary.incoming_count >= threshold)
-            ):
+            if not force and not extra_messages and summary_is_current(state, summary, threshold):
                 return self._done("unchanged", instance, phone, state=state)
             known_deleted = await self._store.deleted_ids(account, instance, jid)
         dialog = await self._reader.dialog(instance, phone, limit=limit, excluded=known_deleted)
@@ -180,7 +164,7 @@ class Pipeline:
             return self._done("no_messages", instance, phone)
 
         enough = dialog.incoming_count >= threshold
-        if not force and state is not None and _is_current(state, dialog.last_message_id, enough):
+        if not force and state is not None and is_current(state, dialog.last_message_id, enough):
             if renotify and state.interest_level == "hot":
                 # A retried or redelivered run: the stored result may be the one whose
                 # `lead.hot` was never confirmed, so it goes out again (at least once).
@@ -233,8 +217,8 @@ class Pipeline:
             return self._done("stale", instance, phone, analyzer=analysis.analyzer)
 
         became_hot = result.interest_level == "hot" and result.previous_interest != "hot"
-        if became_hot and self.on_hot is not None:
-            await self.on_hot(
+        if became_hot and self._on_hot is not None:
+            await self._on_hot(
                 HotLead(
                     account=account,
                     instance=instance,
@@ -288,12 +272,12 @@ class Pipeline:
     async def _renotify(
         self, account: uuid.UUID, instance: str, phone: str, state: StoredState
     ) -> None:
-        if self.on_hot is None:
+        if self._on_hot is None:
             return
         row = await self._store.get_lead(account, state.id)
         if row is None or row.interest_level != "hot":
             return
-        await self.on_hot(
+        await self._on_hot(
             HotLead(
                 account=account,
                 instance=instance,
@@ -364,13 +348,23 @@ def _interest(total: int | None) -> str | None:
     return None if total is None else interest_for(total)
 
 
-def _is_current(state: StoredState, last_message_id: str | None, needs_analysis: bool) -> bool:
+def is_current(state: StoredState, last_message_id: str | None, needs_analysis: bool) -> bool:
     """The stored row already reflects this dialog (same newest message)."""
     if last_message_id is None or state.last_message_id != last_message_id:
         return False
     # A row stored as new_lead must still be analysed once the contact crosses the
     # threshold (the threshold may have been lowered since).
     return not (needs_analysis and state.analyzer is None)
+
+
+def summary_is_current(
+    state: StoredState | None, summary: ContactSummary, min_incoming: int
+) -> bool:
+    """The one answer to "can this contact be skipped?" from the reader's aggregate alone:
+    a real run (`analyze_contact(summary=...)`) and `backfill --dry-run` both ask it."""
+    return state is not None and is_current(
+        state, summary.last_message_id, summary.incoming_count >= min_incoming
+    )
 
 
 def lag_only(dialog: Dialog | None, extra: Sequence[DialogMessage]) -> list[DialogMessage]:

@@ -16,12 +16,37 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 from loguru import logger
 
 from service.adapters.broker.confirm import BrokerUnavailableError
 from service.adapters.broker.topology import Topology
+from service.domain.events import HotLead
+from service.metrics import Metrics
 
 Publish = Callable[[str, str, bytes, dict[str, Any]], Awaitable[None]]
+
+
+class HotLeads:
+    """The `lead.hot` sink: the bootstrap wires it into the pipeline, the consumer that
+    owns the confirmed channel binds its publish to it. Unbound, a hot lead raises
+    `BrokerUnavailableError` (the analysis is retried), as an unconnected channel does."""
+
+    def __init__(self, topology: Topology, metrics: Metrics) -> None:
+        self._topology = topology
+        self._metrics = metrics
+        self._notifier: Notifier | None = None
+
+    def bind(self, publish: Publish) -> None:
+        self._notifier = Notifier(publish, self._topology)
+
+    async def __call__(self, lead: HotLead) -> None:
+        """At least once: raises when it cannot be stored (the analysis then counts as
+        failed, and its retry sends the notification again)."""
+        if self._notifier is None:
+            raise BrokerUnavailableError("not connected")
+        await self._notifier.send("lead.hot", msgspec.json.encode(lead))
+        self._metrics.hot_leads.inc()
 
 
 class Notifier:

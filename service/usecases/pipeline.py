@@ -34,6 +34,7 @@ from service.domain.dialog import (
     merge_messages,
 )
 from service.domain.events import HotLead
+from service.domain.evidence import FactEvidence, confined
 from service.domain.facts import LeadFacts, empty_facts
 from service.domain.lead import LeadRow, fact_columns
 from service.domain.scoring import Score, interest_for, score
@@ -191,7 +192,11 @@ class Pipeline:
             self._count_tokens(exc.usage)
             raise
         facts = _apply_manual(analysis.facts, state)
-        lead_score = _final_score(facts, state)
+        # Evidence must point into the dialog the analyzer was given; whatever does not
+        # is left out and counted with what the analyzer itself could not trust.
+        evidence, outside = confined(analysis.evidence, bounded)
+        self._count_dropped(analysis.analyzer, analysis.evidence_dropped + outside)
+        lead_score = _final_score(facts, state, evidence)
         write = _analysis_write(dialog, account, facts, lead_score, analysis)
         result = await self._store.upsert_analysis(write)
         self._record(analysis, lead_score, started)
@@ -296,6 +301,10 @@ class Pipeline:
         m.lead_score.observe(lead_score.total)
         m.leads_by_interest.labels(lead_score.interest_level).inc()
         self._count_tokens(analysis.usage)
+
+    def _count_dropped(self, analyzer: str, dropped: int) -> None:
+        if dropped:
+            self._metrics.evidence_dropped.labels(analyzer).inc(dropped)
 
     def _count_tokens(self, usage: TokenUsage | None) -> None:
         if usage is not None:
@@ -444,8 +453,10 @@ def _apply_manual(facts: LeadFacts, state: StoredState | None) -> LeadFacts:
         return facts
 
 
-def _final_score(facts: LeadFacts, state: StoredState | None) -> Score:
-    computed = score(facts)
+def _final_score(facts: LeadFacts, state: StoredState | None, evidence: FactEvidence) -> Score:
+    # A fact set by hand is no analyzer's finding: its line shows no messages.
+    by_hand = frozenset(state.manual_fields) if state is not None else frozenset()
+    computed = score(facts, evidence, by_hand)
     if state is None or "score" not in state.manual_fields:
         return computed
     manual = state.manual_values.get("score")

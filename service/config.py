@@ -168,6 +168,22 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     analysis_max_chars: int = 100_000
     analysis_timeout: float = 120.0
 
+    # Outbound webhooks (`crm-backend notify`): deliveries in flight per process, and per
+    # endpoint (a slow endpoint holds no more slots than this), seconds per attempt,
+    # attempts before the dead-letter queue, delays of the retry tiers (seconds; the n-th
+    # failure waits the n-th, the last repeats; a `Retry-After` picks a later one, capped
+    # at the last).
+    notify_concurrency: int = 32
+    notify_endpoint_concurrency: int = 8
+    notify_timeout: float = 15.0
+    notify_max_attempts: int = 8
+    notify_retry_delays: str = "5,30,120,600,1800,3600"
+    # Targets in production: hosts an endpoint may name ("" = any; `*.example.com` matches
+    # subdomains), and refusing addresses in private, loopback and link-local ranges
+    # (checked on every connect, after DNS).
+    notify_allowed_hosts: str = ""
+    notify_deny_private: bool = False
+
     log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "pretty"] = "json"
 
@@ -241,12 +257,21 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             parse_database_url(self.evolution_database_url)  # validates ?schema=
         if self.analyzer == "openai" and not self.openai_api_key:
             raise ConfigError("ANALYZER=openai needs OPENAI_API_KEY")
-        try:
-            self.retry_delay_list()
-        except ValueError:
-            raise ConfigError(
-                "RETRY_DELAYS must be positive seconds separated by commas, e.g. 5,30,120"
-            ) from None
+        for name, text in (
+            ("RETRY_DELAYS", self.retry_delays),
+            ("NOTIFY_RETRY_DELAYS", self.notify_retry_delays),
+        ):
+            try:
+                _delays(text)
+            except ValueError:
+                raise ConfigError(
+                    f"{name} must be positive seconds separated by commas, e.g. 5,30,120"
+                ) from None
+        _check_range("NOTIFY_CONCURRENCY", self.notify_concurrency, 1, 10_000)
+        _check_range("NOTIFY_ENDPOINT_CONCURRENCY", self.notify_endpoint_concurrency, 1, 10_000)
+        _check_range("NOTIFY_MAX_ATTEMPTS", self.notify_max_attempts, 1, 100)
+        if not 0 < self.notify_timeout <= 300:
+            raise ConfigError("NOTIFY_TIMEOUT must be a number of seconds from 0 to 300")
 
     # -- derived values -------------------------------------------------------------
     def evolution_url(self) -> DatabaseUrl:
@@ -282,10 +307,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         return bool(self.supabase_url and self.supabase_service_key)
 
     def retry_delay_list(self) -> list[float]:
-        delays = [float(part) for part in self.retry_delays.split(",") if part.strip()]
-        if not delays or any(d <= 0 for d in delays):
-            raise ValueError("bad retry delays")
-        return delays
+        return _delays(self.retry_delays)
+
+    def notify_retry_delay_list(self) -> list[float]:
+        return sorted(_delays(self.notify_retry_delays))
+
+    def notify_allowed_host_list(self) -> list[str]:
+        return [h.strip().lower() for h in self.notify_allowed_hosts.split(",") if h.strip()]
 
     def amqp_node_urls(self) -> list[str]:
         return node_urls(self.amqp_url)
@@ -318,6 +346,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
 
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _delays(text: str) -> list[float]:
+    delays = [float(part) for part in text.split(",") if part.strip()]
+    if not delays or any(d <= 0 for d in delays):
+        raise ValueError("bad retry delays")
+    return delays
+
 
 # What each field expects, in the words a user reads in the error line.
 _EXPECT = {

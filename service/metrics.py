@@ -84,6 +84,28 @@ class Metrics:
             "crm_dlq_depth", "Messages waiting in the dead-letter queue", registry=r
         )
         self.hot_leads = Counter("crm_lead_hot_events", "lead.hot events published", registry=r)
+        self.notify_fanout = Counter(
+            "crm_notify_events",
+            "Events read for outbound webhooks, by outcome (queued: deliveries made, "
+            "no_endpoint, unknown_type, dead)",
+            ["outcome"],
+            registry=r,
+        )
+        self.notify_deliveries = Counter(
+            "crm_notify_deliveries",
+            "Outbound webhook deliveries by outcome: queued (made from an event), sent "
+            "(2xx), failed (attempt failed, retry scheduled), dead (dead-lettered), "
+            "deferred (endpoint busy or store down; no attempt made), duplicate (sent "
+            "already), dropped (endpoint removed)",
+            ["outcome"],
+            registry=r,
+        )
+        self.notify_attempt_seconds = Histogram(
+            "crm_notify_attempt_duration_seconds",
+            "Time of one outbound webhook attempt (up to NOTIFY_TIMEOUT)",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+            registry=r,
+        )
         self.llm_model_shutdown_days = Gauge(
             "crm_llm_model_shutdown_days",
             "Days until the configured model's announced shutdown (GET /v1/models/{id}); "

@@ -230,7 +230,10 @@ async def test_topology_names_and_tiers(settings: Settings) -> None:
     assert [topology.tier_for_attempt(a) for a in (0, 1, 2, 3, 9)] == [0, 0, 1, 1, 1]
     assert topology.retry_headers(2) == {H_RETRY_DELAY: "400"}
     assert topology.retry_arguments(1)["x-message-ttl"] == 400
-    assert len(topology.all_queues()) == 4 + 2 + 3
+    assert topology.webhook_deliveries_queue == f"{p}.webhooks.deliveries"
+    assert topology.webhook_retry_queue(0) == f"{p}.webhooks.retry.5000ms"
+    # shards + retry tiers + dead, notifications, bridge + webhook events, deliveries, tiers
+    assert len(topology.all_queues()) == 4 + 2 + 3 + 2 + len(topology.webhook_retry_delays)
 
 
 async def test_topology_declares_contract_arguments(settings: Settings) -> None:

@@ -219,7 +219,10 @@ async def test_lead_hot_is_not_lost_while_unroutable(settings: Settings) -> None
         for i, (from_me, text) in enumerate(HOT_DIALOG):
             await svc.send(message_body(phone, text, from_me=from_me, ts=t0 + i * 60))
             if i == 0:  # intake has declared the topology by now: nothing re-creates it
-                await _delete_queues(settings, topology.notification_queue)
+                # Every queue bound for lead.hot: its readers' and the outbound webhooks'.
+                await _delete_queues(
+                    settings, topology.notification_queue, topology.webhook_events_queue
+                )
         await svc.wait_row(phone, lambda r: r.interest_level == "hot")
         retries = svc.ctx.metrics.retries
 

@@ -36,12 +36,14 @@ from tests.supabase_db import execute, fetch, load_original, migrated_database
 
 PUBLIC_ROLES = ("anon", "authenticated")
 # What the store does on each table, and nothing more (service/sql/0003_data_api_grants.sql,
-# 0004_api_keys.sql, 0005_evolution_events.sql; `instances move` also updates two
-# columns of whatsapp_instances).
+# 0004_api_keys.sql, 0005_evolution_events.sql, 0007_webhook_endpoints.sql; `instances move`
+# also updates two columns of whatsapp_instances).
 SERVICE_ROLE_PRIVILEGES = {
     "crm_api_keys": {"SELECT", "INSERT", "UPDATE"},
     "crm_deleted_messages": {"SELECT", "INSERT"},
     "crm_lid_pairs": {"SELECT", "INSERT", "UPDATE"},
+    "crm_webhook_deliveries": {"SELECT", "INSERT", "UPDATE", "DELETE"},
+    "crm_webhook_endpoints": {"SELECT", "INSERT", "DELETE"},
     "dialog_analysis": {"SELECT", "INSERT", "UPDATE", "DELETE"},
     "whatsapp_instances": {"SELECT", "INSERT", "DELETE"},
     "crm_schema_migrations": set(),
@@ -130,6 +132,13 @@ async def test_every_table_and_function_keeps_the_rule(migrated: str) -> None:
         "crm_remember_lid",
         "crm_update_lead",
         "crm_upsert_analysis",
+        "crm_webhook_claim",
+        "crm_webhook_endpoint_add",
+        "crm_webhook_endpoint_json",
+        "crm_webhook_endpoint_list",
+        "crm_webhook_endpoint_remove",
+        "crm_webhook_endpoints_for",
+        "crm_webhook_finish",
     ]
 
     # A later migration that adds a table and a function without doing the same fails.

@@ -123,7 +123,25 @@ def build_parser() -> argparse.ArgumentParser:
     krevoke = ksub.add_parser("revoke", help="revoke a key by its prefix or id")
     krevoke.add_argument("key")
 
-    dlq = sub.add_parser("dlq", help="inspect and re-queue dead-lettered events")
+    notify = sub.add_parser("notify", help="outbound webhooks: endpoints per account")
+    nsub = notify.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    nadd = nsub.add_parser(
+        "add", help="add an endpoint; prints its id and signing secret (shown only now)"
+    )
+    nadd.add_argument("url", help="http(s) URL the events are POSTed to")
+    nadd.add_argument("--account", type=_uuid, required=True)
+    nadd.add_argument(
+        "--events",
+        help="comma-separated: lead.hot,lead.stage_changed (default: every event)",
+    )
+    nlist = nsub.add_parser("list", help="endpoints (secrets shortened)")
+    nlist.add_argument("--account", type=_uuid)
+    nremove = nsub.add_parser("remove", help="remove an endpoint; its pending deliveries drop")
+    nremove.add_argument("id", type=_uuid)
+
+    dlq = sub.add_parser(
+        "dlq", help="inspect and re-queue dead-lettered events and webhook deliveries"
+    )
     dsub = dlq.add_subparsers(dest="action", required=True, parser_class=_Parser)
     dlist = dsub.add_parser("list")
     dlist.add_argument("--limit", type=_positive, default=50)
@@ -299,6 +317,52 @@ async def _store(settings: Settings) -> AsyncIterator[ResultsStore]:
         yield store
     finally:
         await store.close()
+
+
+async def _cmd_notify(settings: Settings, args: argparse.Namespace) -> int:
+    from service.adapters.stores.webhooks import webhook_store
+    from service.adapters.webhooks_out.targets import TargetPolicy
+    from service.domain.webhooks import masked_secret, redact_url
+    from service.usecases.webhook_endpoints import (
+        EndpointError,
+        add_endpoint,
+        list_endpoints,
+        remove_endpoint,
+    )
+
+    async with _store(settings) as store:
+        endpoints = webhook_store(store)
+        if args.action == "add":
+            try:
+                endpoint = await add_endpoint(
+                    endpoints,
+                    TargetPolicy.from_settings(settings),
+                    args.account,
+                    args.url,
+                    args.events,
+                )
+            except EndpointError as exc:
+                raise UserError(f"cannot add {args.url!r}: {exc}") from None
+            print(endpoint.id)
+            print(endpoint.secret)
+            print(
+                f"endpoint {endpoint.id} for account {endpoint.account} added "
+                f"({', '.join(endpoint.events) if endpoint.events else 'every event'}); "
+                "verify deliveries with the secret above, shown only now",
+                file=sys.stderr,
+            )
+        elif args.action == "list":
+            for item in await list_endpoints(endpoints, args.account):
+                events = ",".join(item.events) if item.events else "*"
+                print(
+                    f"{item.id}\t{item.account}\t{redact_url(item.url)}\t{events}\t"
+                    f"{masked_secret(item.secret)}\t{item.created_at:%Y-%m-%d}"
+                )
+        else:
+            if not await remove_endpoint(endpoints, args.id):
+                raise UserError(f"no webhook endpoint {args.id}")
+            print(f"removed {args.id}")
+    return 0
 
 
 async def _cmd_index(settings: Settings, args: argparse.Namespace) -> int:
@@ -488,8 +552,14 @@ async def _serve_until_stopped(settings: Settings, *, consume: bool, serve: bool
                 logger.info("listening on http://{}:{}", settings.host, settings.port)
             if consume:
                 from consumers.contacts import ContactConsumer
+                from consumers.webhooks import WebhookWorkers
+                from service.adapters.stores.webhooks import webhook_store
 
                 workers.append(ContactConsumer(ctx))
+                # Outbound webhooks ride along every consume process: none to start apart.
+                workers.append(
+                    WebhookWorkers(settings, webhook_store(ctx.require_store()), ctx.metrics)
+                )
             if bridge_on:
                 from consumers.evolution_bridge import EvolutionBridge
 
@@ -636,6 +706,7 @@ _COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], Coroutine[Any, Any
     "migrate": _cmd_migrate,
     "instances": _cmd_instances,
     "keys": _cmd_keys,
+    "notify": _cmd_notify,
     "dlq": _cmd_dlq,
     "topology": _cmd_topology,
     "evolution-index": _cmd_index,

@@ -1,4 +1,9 @@
-"""The dead-letter queue: its depth, its letters (`crm-backend dlq list`), their replay."""
+"""The dead-letter queue: its depth, its letters (`crm-backend dlq list`), their replay.
+
+The queue holds two kinds of letters: batches of message events (re-queued for analysis)
+and outbound webhook messages, told apart by their `x-webhook-stage` header (re-queued for
+fan-out or delivery, attempts reset, under the same webhook id).
+"""
 
 from __future__ import annotations
 
@@ -20,9 +25,23 @@ from service.adapters.broker.envelope import (
     encode_batch,
     header_int,
 )
-from service.adapters.broker.topology import Topology
+from service.adapters.broker.topology import WEBHOOK_DELIVERY_KEY, WEBHOOK_EVENT_KEY, Topology
+from service.adapters.webhooks_out.envelope import (
+    H_WEBHOOK_STAGE,
+    carried_headers,
+    delivery_ref,
+    stage_of,
+)
 from service.config import Settings
 from service.logs import contact_hash_key, keyed_contact_hash
+
+
+class WebhookLetter(msgspec.Struct, kw_only=True):
+    stage: str  # "event": not fanned out yet; "delivery": to one endpoint
+    webhook_id: str | None = None
+    endpoint: str | None = None
+    account: str | None = None
+    type: str | None = None
 
 
 class DeadLetter(msgspec.Struct, kw_only=True):
@@ -34,16 +53,48 @@ class DeadLetter(msgspec.Struct, kw_only=True):
     instances: list[str]
     contacts: list[str]  # contact hashes, not phone numbers
     first_event_at: int | None  # Unix seconds of the oldest event
+    webhook: WebhookLetter | None = None  # set on outbound webhook letters
 
 
 class ReplayResult(msgspec.Struct, kw_only=True):
-    replayed: int = 0  # messages re-queued for analysis
-    events: int = 0  # events they carried
+    replayed: int = 0  # messages re-queued (for analysis, or webhooks)
+    events: int = 0  # message events they carried
+    webhooks: int = 0  # of them, webhook events and deliveries
     kept: int = 0  # left in the DLQ (undecodable)
+
+
+def _describe_webhook(
+    position: int, message: AbstractIncomingMessage, headers: dict[str, Any], stage: str
+) -> DeadLetter:
+    ref = delivery_ref(headers)
+    letter = WebhookLetter(stage=stage)
+    if ref is not None:
+        letter = WebhookLetter(
+            stage=stage,
+            webhook_id=ref.webhook_id,
+            endpoint=str(ref.endpoint_id),
+            account=str(ref.account),
+            type=ref.event_type,
+        )
+    error = headers.get(H_ERROR)
+    return DeadLetter(
+        position=position,
+        error=str(error) if error is not None else _death_reason(headers),
+        attempts=header_int(headers.get(H_ATTEMPT)),
+        decodable=True,
+        events=0,
+        instances=[],
+        contacts=[],
+        first_event_at=None,
+        webhook=letter,
+    )
 
 
 def _describe(position: int, message: AbstractIncomingMessage, key: bytes) -> DeadLetter:
     headers = dict(message.headers or {})
+    stage = stage_of(headers)
+    if stage is not None:
+        return _describe_webhook(position, message, headers, stage)
     error = headers.get(H_ERROR)
     try:
         batch = decode_batch(message.body)
@@ -132,6 +183,13 @@ async def replay_dead(settings: Settings, limit: int | None = None) -> ReplayRes
             message = await queue.get(no_ack=False, fail=False)
             if message is None:
                 break
+            stage = stage_of(dict(message.headers or {}))
+            if stage is not None:
+                await _replay_webhook(channel, topology, message, stage)
+                await message.ack()
+                result.replayed += 1
+                result.webhooks += 1
+                continue
             try:
                 batch = decode_batch(message.body)
             except (msgspec.DecodeError, msgspec.ValidationError):
@@ -158,3 +216,21 @@ async def replay_dead(settings: Settings, limit: int | None = None) -> ReplayRes
     finally:
         with contextlib.suppress(Exception):
             await connection.close()
+
+
+async def _replay_webhook(
+    channel: Any, topology: Topology, message: AbstractIncomingMessage, stage: str
+) -> None:
+    """Back to fan-out or delivery with the attempts reset (same body, same webhook id)."""
+    headers = carried_headers(dict(message.headers or {}))
+    headers.pop(H_ERROR, None)
+    headers[H_ATTEMPT] = 0
+    headers[H_WEBHOOK_STAGE] = stage
+    await publish_confirmed(
+        channel,
+        topology.webhooks_exchange,
+        WEBHOOK_EVENT_KEY if stage == "event" else WEBHOOK_DELIVERY_KEY,
+        message.body,
+        headers,
+        message_id=message.message_id,
+    )

@@ -15,6 +15,12 @@ rabbit_queue_location.erl):
 - `P.events` (topic): notifications such as `lead.hot`, held for their readers in
   `P.notifications` (bound to `lead.#`), so a notification is stored once confirmed.
 - `P.members` (fanout): heartbeats of the consume processes (see consumers/membership.py).
+- Outbound webhooks: `P.webhooks.events` takes each notification type endpoints may
+  subscribe to from `P.events`; fan-out turns an event into one delivery per endpoint in
+  `P.webhooks.deliveries` (via the direct `P.webhooks`, key `delivery`). A failed attempt
+  waits in `P.webhooks.retry.<ms>ms` (one per NOTIFY_RETRY_DELAYS value, selected on the
+  headers exchange `P.webhooks.retry` as above), which dead-letters it back to
+  `P.webhooks` under its own key (`delivery`, or `event` for a fan-out retried).
 
 Queue arguments cannot change in place, so a new layout has new names; the queues of an
 older layout (classic retry queues `P.retry.<tier>`, shard queues `P.contacts.<i>` or
@@ -31,6 +37,7 @@ from aio_pika.abc import AbstractChannel
 
 from service.adapters.broker.envelope import shard_routing_key
 from service.config import Settings
+from service.domain.webhooks import EVENT_TYPES
 
 # Header that selects a retry queue (its delay in milliseconds) on the headers exchange.
 H_RETRY_DELAY = "x-retry-delay-ms"
@@ -56,6 +63,9 @@ BRIDGE_ROUTING_KEYS = (
     "MESSAGES_EDITED",
     "MESSAGES_UPDATE",
 )
+# Routing keys on `P.webhooks`.
+WEBHOOK_EVENT_KEY = "event"
+WEBHOOK_DELIVERY_KEY = "delivery"
 
 
 class TopologyError(Exception):
@@ -88,6 +98,11 @@ class Topology:
         self.dead_queue = f"{prefix}.dead"
         self.notification_queue = f"{prefix}.notifications"
         self.bridge_queue = f"{prefix}.evolution-in"
+        self.webhooks_exchange = f"{prefix}.webhooks"
+        self.webhooks_retry_exchange = f"{prefix}.webhooks.retry"
+        self.webhook_events_queue = f"{prefix}.webhooks.events"
+        self.webhook_deliveries_queue = f"{prefix}.webhooks.deliveries"
+        self.webhook_retry_delays = settings.notify_retry_delay_list()
 
     # -- names ------------------------------------------------------------------------
     def shard_queue(self, shard: int, shards: int | None = None) -> str:
@@ -110,6 +125,16 @@ class Topology:
         """Headers that route a message of the n-th failed attempt to its delay queue."""
         return {H_RETRY_DELAY: str(self.retry_delay_ms(self.tier_for_attempt(attempt)))}
 
+    def webhook_retry_delay_ms(self, tier: int) -> int:
+        return round(self.webhook_retry_delays[tier] * 1000)
+
+    def webhook_retry_queue(self, tier: int) -> str:
+        return f"{self.prefix}.webhooks.retry.{self.webhook_retry_delay_ms(tier)}ms"
+
+    def webhook_retry_headers(self, tier: int) -> dict[str, Any]:
+        """Headers that route a webhook message to the delay queue of `tier`."""
+        return {H_RETRY_DELAY: str(self.webhook_retry_delay_ms(tier))}
+
     def legacy_shard_queue(self, shard: int) -> str:
         """Shard queue of the first layout (no shard count in the name)."""
         return f"{self.prefix}.contacts.{shard}"
@@ -125,6 +150,9 @@ class Topology:
             self.dead_queue,
             self.notification_queue,
             self.bridge_queue,
+            self.webhook_events_queue,
+            self.webhook_deliveries_queue,
+            *(self.webhook_retry_queue(t) for t in range(len(self.webhook_retry_delays))),
         ]
 
     def all_exchanges(self) -> list[str]:
@@ -134,6 +162,8 @@ class Topology:
             self.dlx_exchange,
             self.events_exchange,
             self.members_exchange,
+            self.webhooks_exchange,
+            self.webhooks_retry_exchange,
         ]
 
     # -- arguments ----------------------------------------------------------------------
@@ -155,6 +185,22 @@ class Topology:
             "x-queue-leader-locator": LEADER_LOCATOR,
             "x-message-ttl": self.retry_delay_ms(tier),
             **_at_least_once(self.intake_exchange),
+        }
+
+    def webhook_queue_arguments(self) -> dict[str, Any]:
+        return {
+            "x-queue-type": "quorum",
+            "x-queue-leader-locator": LEADER_LOCATOR,
+            "x-delivery-limit": DELIVERY_LIMIT,
+            **_at_least_once(self.dlx_exchange),
+        }
+
+    def webhook_retry_arguments(self, tier: int) -> dict[str, Any]:
+        return {
+            "x-queue-type": "quorum",
+            "x-queue-leader-locator": LEADER_LOCATOR,
+            "x-message-ttl": self.webhook_retry_delay_ms(tier),
+            **_at_least_once(self.webhooks_exchange),
         }
 
     def notification_arguments(self) -> dict[str, Any]:
@@ -214,6 +260,39 @@ class Topology:
                 # "all-with-x": with plain "all", RabbitMQ ignores x- headers when
                 # matching, so every queue would match every message.
                 arguments={"x-match": "all-with-x", H_RETRY_DELAY: str(self.retry_delay_ms(tier))},
+            )
+        await self._declare_webhooks(channel, events)
+
+    async def _declare_webhooks(self, channel: AbstractChannel, events: Any) -> None:
+        webhooks = await channel.declare_exchange(
+            self.webhooks_exchange, ExchangeType.DIRECT, durable=True
+        )
+        retry = await channel.declare_exchange(
+            self.webhooks_retry_exchange, ExchangeType.HEADERS, durable=True
+        )
+        incoming = await channel.declare_queue(
+            self.webhook_events_queue, durable=True, arguments=self.webhook_queue_arguments()
+        )
+        for event_type in EVENT_TYPES:
+            await incoming.bind(events, routing_key=event_type)
+        await incoming.bind(webhooks, routing_key=WEBHOOK_EVENT_KEY)
+        deliveries = await channel.declare_queue(
+            self.webhook_deliveries_queue, durable=True, arguments=self.webhook_queue_arguments()
+        )
+        await deliveries.bind(webhooks, routing_key=WEBHOOK_DELIVERY_KEY)
+        for tier in range(len(self.webhook_retry_delays)):
+            queue = await channel.declare_queue(
+                self.webhook_retry_queue(tier),
+                durable=True,
+                arguments=self.webhook_retry_arguments(tier),
+            )
+            await queue.bind(
+                retry,
+                routing_key="",
+                arguments={
+                    "x-match": "all-with-x",
+                    H_RETRY_DELAY: str(self.webhook_retry_delay_ms(tier)),
+                },
             )
 
     async def declare_bridge(self, channel: AbstractChannel, source_exchange: str) -> str:

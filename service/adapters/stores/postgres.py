@@ -38,6 +38,7 @@ from service.adapters.stores.base import (
     state_from_record,
 )
 from service.domain.lead import LeadRow
+from service.domain.webhooks import Claim, WebhookEndpoint
 
 # SQL here is built only from fixed column tuples and fixed fragments (the S608
 # exemptions below); every value is a query parameter.
@@ -348,6 +349,75 @@ class PostgresStore:
                 "SELECT crm_api_key_account($1)", key_hash
             )
         return account
+
+    # -- webhook endpoints (service/adapters/stores/webhooks.py) -------------------------
+    async def add_webhook_endpoint(
+        self, account: uuid.UUID, url: str, secret: str, events: list[str] | None
+    ) -> WebhookEndpoint:
+        with self._guard("adding a webhook endpoint"):
+            result = await self._pool.fetchval(
+                "SELECT crm_webhook_endpoint_add($1, $2, $3, $4)", account, url, secret, events
+            )
+        return msgspec.convert(result, WebhookEndpoint)
+
+    async def list_webhook_endpoints(self, account: uuid.UUID | None) -> list[WebhookEndpoint]:
+        with self._guard("listing webhook endpoints"):
+            result = await self._pool.fetchval("SELECT crm_webhook_endpoint_list($1)", account)
+        return msgspec.convert(result, list[WebhookEndpoint])
+
+    async def remove_webhook_endpoint(self, endpoint_id: uuid.UUID) -> bool:
+        with self._guard("removing a webhook endpoint"):
+            done: bool = await self._pool.fetchval(
+                "SELECT crm_webhook_endpoint_remove($1)", endpoint_id
+            )
+        return done
+
+    async def webhook_endpoints_for(
+        self, account: uuid.UUID, event_type: str
+    ) -> list[WebhookEndpoint]:
+        with self._guard("reading webhook endpoints"):
+            result = await self._pool.fetchval(
+                "SELECT crm_webhook_endpoints_for($1, $2)", account, event_type
+            )
+        return msgspec.convert(result, list[WebhookEndpoint])
+
+    async def claim_webhook_delivery(
+        self,
+        webhook_id: str,
+        account: uuid.UUID,
+        endpoint_id: uuid.UUID,
+        token: uuid.UUID,
+        lease_seconds: float,
+    ) -> Claim:
+        with self._guard("claiming a webhook delivery"):
+            result = await self._pool.fetchval(
+                "SELECT crm_webhook_claim($1, $2, $3, $4, $5)",
+                webhook_id,
+                account,
+                endpoint_id,
+                token,
+                lease_seconds,
+            )
+        return msgspec.convert(result, Claim)
+
+    async def finish_webhook_delivery(
+        self,
+        webhook_id: str,
+        account: uuid.UUID,
+        token: uuid.UUID,
+        accepted: bool,
+        status: int | None,
+    ) -> bool:
+        with self._guard("finishing a webhook delivery"):
+            done: bool = await self._pool.fetchval(
+                "SELECT crm_webhook_finish($1, $2, $3, $4, $5)",
+                webhook_id,
+                account,
+                token,
+                accepted,
+                status,
+            )
+        return done
 
     # -- errors -----------------------------------------------------------------------
     @contextlib.contextmanager

@@ -52,6 +52,7 @@ from service.adapters.stores.base import (
 )
 from service.adapters.stores.postgres import checked_mapping
 from service.domain.lead import LeadRow
+from service.domain.webhooks import Claim, WebhookEndpoint
 
 T = TypeVar("T")
 
@@ -517,6 +518,72 @@ class SupabaseStore:
     async def api_key_account(self, key_hash: str) -> uuid.UUID | None:
         data = await self._call("checking an API key", "crm_api_key_account", {"p_hash": key_hash})
         return uuid.UUID(data) if data else None
+
+    # -- webhook endpoints (service/adapters/stores/webhooks.py) -------------------------
+    async def add_webhook_endpoint(
+        self, account: uuid.UUID, url: str, secret: str, events: list[str] | None
+    ) -> WebhookEndpoint:
+        params = {"p_account": str(account), "p_url": url, "p_secret": secret, "p_events": events}
+        data = await self._call(
+            "adding a webhook endpoint", "crm_webhook_endpoint_add", params, repeatable=False
+        )
+        return msgspec.convert(data, WebhookEndpoint)
+
+    async def list_webhook_endpoints(self, account: uuid.UUID | None) -> list[WebhookEndpoint]:
+        params = {"p_account": None if account is None else str(account)}
+        data = await self._call("listing webhook endpoints", "crm_webhook_endpoint_list", params)
+        return msgspec.convert(data or [], list[WebhookEndpoint])
+
+    async def remove_webhook_endpoint(self, endpoint_id: uuid.UUID) -> bool:
+        params = {"p_id": str(endpoint_id)}
+        data = await self._call(
+            "removing a webhook endpoint", "crm_webhook_endpoint_remove", params
+        )
+        return bool(data)
+
+    async def webhook_endpoints_for(
+        self, account: uuid.UUID, event_type: str
+    ) -> list[WebhookEndpoint]:
+        params = {"p_account": str(account), "p_type": event_type}
+        data = await self._call("reading webhook endpoints", "crm_webhook_endpoints_for", params)
+        return msgspec.convert(data or [], list[WebhookEndpoint])
+
+    async def claim_webhook_delivery(
+        self,
+        webhook_id: str,
+        account: uuid.UUID,
+        endpoint_id: uuid.UUID,
+        token: uuid.UUID,
+        lease_seconds: float,
+    ) -> Claim:
+        # Repeatable: asking again under the same token answers the same.
+        params = {
+            "p_webhook_id": webhook_id,
+            "p_account": str(account),
+            "p_endpoint": str(endpoint_id),
+            "p_token": str(token),
+            "p_lease_seconds": lease_seconds,
+        }
+        data = await self._call("claiming a webhook delivery", "crm_webhook_claim", params)
+        return msgspec.convert(data, Claim)
+
+    async def finish_webhook_delivery(
+        self,
+        webhook_id: str,
+        account: uuid.UUID,
+        token: uuid.UUID,
+        accepted: bool,
+        status: int | None,
+    ) -> bool:
+        params = {
+            "p_webhook_id": webhook_id,
+            "p_account": str(account),
+            "p_token": str(token),
+            "p_accepted": accepted,
+            "p_status": status,
+        }
+        data = await self._call("finishing a webhook delivery", "crm_webhook_finish", params)
+        return bool(data)
 
     async def _call(
         self, doing: str, function: str, params: dict[str, Any], *, repeatable: bool = True

@@ -1,0 +1,1 @@
+"""Outbound webhooks: Standard Webhooks signatures, target policy, HTTP delivery."""

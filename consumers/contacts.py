@@ -44,7 +44,6 @@ from service.broker.envelope import (
     header_int,
     shard_for,
 )
-from service.broker.notifier import Notifier
 from service.broker.topology import Topology
 from service.config import Settings
 from service.context import AppContext
@@ -52,7 +51,6 @@ from service.domain.dialog import DialogMessage, from_unix
 from service.evolution.resolver import ContactResolver
 from service.intake_guard import event_problem
 from service.logs import contact_hash
-from service.pipeline import HotLead
 
 _ACCOUNT_TTL = 30.0  # seconds an instance -> account lookup is reused
 # Events whose contact is not known yet (a LID-only message, an edit or delete of a
@@ -89,7 +87,6 @@ class _Contact:
     timer: asyncio.TimerHandle | None = None
     running: bool = False
     due: bool = False  # the quiet period ended while an analysis was running
-    renotify: bool = False  # a retried or redelivered event: resend a lost lead.hot
 
 
 class ContactConsumer:
@@ -129,13 +126,10 @@ class ContactConsumer:
             else Membership(self._topology, member, interval=heartbeat, expiry=3.5 * heartbeat)
         )
         self._rebalancer: asyncio.Task[None] | None = None
-        self._notifier = Notifier(self._publish, self._topology)
         self._renewed_at = -1.0
         self._stopping = False
         self._resolver = ContactResolver(ctx.reader, pairs=self._store)
         self.analyses_started = 0  # for tests and metrics: pipeline runs begun
-        if self._pipeline.on_hot is None:
-            self._pipeline.on_hot = self.publish_hot
 
     @property
     def shards(self) -> list[int]:
@@ -358,7 +352,6 @@ class ContactConsumer:
             await _ack(message)
             return
         delivery = _Delivery(message=message, parts=len(groups), attempt=attempt)
-        again = attempt > 0 or bool(message.redelivered)
         now = time.monotonic()
         for key, events in groups.items():
             contact = self._contacts.get(key)
@@ -367,7 +360,6 @@ class ContactConsumer:
                 contact = self._contacts[key] = _Contact(key[0], key[1], shard, first_at=now)
             if not contact.events:
                 contact.first_at = now
-            contact.renotify = contact.renotify or again
             for event in events:
                 # A message and its edit or delete are different events.
                 contact.events[event.idempotency_key] = event
@@ -471,11 +463,9 @@ class ContactConsumer:
         contact.due = False
         events = list(contact.events.values())
         deliveries = contact.deliveries
-        renotify = contact.renotify
         contact.events = {}
         contact.deliveries = []
-        contact.renotify = False
-        task = asyncio.create_task(self._process(key, contact, events, deliveries, renotify))
+        task = asyncio.create_task(self._process(key, contact, events, deliveries))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -486,7 +476,6 @@ class ContactConsumer:
         contact: _Contact,
         events: list[QueuedEvent],
         deliveries: list[_Delivery],
-        renotify: bool,
     ) -> None:
         instance, phone_jid = key
         phone = phone_jid.split("@", 1)[0]
@@ -494,7 +483,7 @@ class ContactConsumer:
         try:
             async with self._semaphore:
                 self.analyses_started += 1
-                ok = await self._analyze(instance, phone, events, deliveries, renotify)
+                ok = await self._analyze(instance, phone, events, deliveries)
         finally:
             for delivery in deliveries:
                 self._settle(delivery, ok)
@@ -515,7 +504,6 @@ class ContactConsumer:
         phone: str,
         events: list[QueuedEvent],
         deliveries: list[_Delivery],
-        renotify: bool,
     ) -> bool:
         """Run the pipeline; on failure hand the events to the retry path. True = settled."""
         log = logger.bind(instance=instance, contact_hash=contact_hash(phone))
@@ -537,7 +525,6 @@ class ContactConsumer:
                 contact_name=_push_name(events),
                 edits=edits,
                 deleted=deleted,
-                renotify=renotify,
             )
             log.info("contact processed: {}", outcome.outcome, score=outcome.score)
             return True
@@ -644,12 +631,6 @@ class ContactConsumer:
         if old is not None:
             with contextlib.suppress(Exception):
                 await old.close()
-
-    async def publish_hot(self, lead: HotLead) -> None:
-        """`lead.hot`, at least once: raises when it cannot be stored (the analysis then
-        counts as failed, and its retry sends the notification again)."""
-        await self._notifier.send("lead.hot", msgspec.json.encode(lead))
-        self._metrics.hot_leads.inc()
 
     def _settle(self, delivery: _Delivery, ok: bool) -> None:
         if delivery.settled:

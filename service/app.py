@@ -9,7 +9,7 @@ from service.analyzers.base import Analyzer
 from service.config import Settings
 from service.context import AppContext
 from service.metrics import Metrics
-from service.pipeline import HotSink, Pipeline
+from service.pipeline import Pipeline
 
 
 def make_analyzer(settings: Settings) -> Analyzer:
@@ -32,7 +32,6 @@ async def app_context(
     analyzer: bool = True,
     publisher: bool = False,
     metrics: Metrics | None = None,
-    on_hot: HotSink | None = None,
     lifecycle: bool = False,
 ) -> AsyncIterator[AppContext]:
     """Open the requested adapters; close them all on exit, newest first."""
@@ -66,7 +65,5 @@ async def app_context(
             ctx.publisher = EventPublisher(settings)
             stack.push_async_callback(ctx.publisher.close)
         if ctx.store is not None and ctx.reader is not None and ctx.analyzer is not None:
-            ctx.pipeline = Pipeline(
-                settings, ctx.reader, ctx.store, ctx.analyzer, ctx.metrics, on_hot=on_hot
-            )
+            ctx.pipeline = Pipeline(settings, ctx.reader, ctx.store, ctx.analyzer, ctx.metrics)
         yield ctx

@@ -141,11 +141,11 @@ OFFSETS = (0, 100, 1000, 10000)
 async def _serve(port: int, ready: EventType) -> None:
     from aiohttp import web
 
-    from handlers.app import make_app
+    from handlers.http_app import make_app
+    from service.adapters.stores.factory import open_store
+    from service.bootstrap.context import AppContext
     from service.config import load_settings
-    from service.context import AppContext
     from service.logs import setup_logging
-    from service.stores.factory import open_store
 
     settings = load_settings(dotenv=None)
     setup_logging(settings)
@@ -184,7 +184,7 @@ def _dsn(database: str) -> str:
 
 
 async def create_seeded_db(leads: int) -> str:
-    from service.migrations import apply_migrations
+    from service.adapters.stores.migrations import apply_migrations
 
     name = f"crm_bench_api_{secrets.token_hex(4)}"
     admin = await asyncpg.connect(ADMIN_DSN)

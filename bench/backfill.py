@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._databases import create_database, drop_database
 from bench._databases import dsn as _dsn
 from bench.evolution_reader import _generate
-from service.app import app_context
-from service.backfill import BackfillOptions, BackfillStats, run_backfill
+from service.adapters.stores.migrations import apply_migrations
+from service.bootstrap.builders import app_context
 from service.config import load_settings
-from service.migrations import apply_migrations
+from service.usecases.backfill import BackfillOptions, BackfillStats, run_backfill
 
 
 def _rss_mib() -> float:
@@ -64,7 +64,7 @@ def _serve_fake(latency: float, port_queue: Any) -> None:
 
 
 async def _bench(args: argparse.Namespace, base_url: str) -> int:
-    from service.evolution.seed import create_schema
+    from service.adapters.evolution.seed import create_schema
 
     suffix = secrets.token_hex(4)
     evo_name, res_name = f"bench_bf_evo_{suffix}", f"bench_bf_res_{suffix}"
@@ -78,7 +78,7 @@ async def _bench(args: argparse.Namespace, base_url: str) -> int:
             f"generated {args.contacts * 10:,} messages over {args.contacts:,} contacts "
             f"in {time.perf_counter() - started:.1f}s"
         )
-        from service.evolution.index import apply_index
+        from service.adapters.evolution.index import apply_index
 
         # Per-contact reads need the expression index (`crm-backend evolution-index`).
         await apply_index(_dsn(evo_name), "public")

@@ -35,10 +35,10 @@ from typing import Any
 
 import asyncpg
 
-from service.evolution.identity import phone_jid_sql
-from service.evolution.index import apply_index
-from service.evolution.reader import EvolutionReader
-from service.evolution.seed import create_instance, create_schema
+from service.adapters.evolution.identity import phone_jid_sql
+from service.adapters.evolution.index import apply_index
+from service.adapters.evolution.reader import EvolutionReader
+from service.adapters.evolution.seed import create_instance, create_schema
 
 PG_HOST = os.environ.get("BENCH_PGHOST", os.environ.get("TEST_PGHOST", "127.0.0.1"))
 PG_PORT = int(os.environ.get("BENCH_PGPORT", os.environ.get("TEST_PGPORT", "5432")))

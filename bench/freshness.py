@@ -55,12 +55,16 @@ async def _bench(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from consumers.contacts import ContactConsumer
-    from handlers.app import make_app
-    from service.app import app_context
+    from handlers.http_app import make_app
+    from service.adapters.evolution.seed import (
+        create_instance,
+        create_schema,
+        insert_webhook_message,
+    )
+    from service.adapters.stores.migrations import apply_migrations
+    from service.bootstrap.builders import app_context
     from service.domain.facts import empty_facts
-    from service.evolution.seed import create_instance, create_schema, insert_webhook_message
     from service.logs import setup_logging
-    from service.migrations import apply_migrations
     from tests.fakes.openai_server import FakeOpenAI
     from tests.harness import delete_topology
 

@@ -42,8 +42,8 @@ import msgspec
 from aiohttp import web
 
 from bench._servers import server_process
-from service.broker.envelope import decode_batch
-from service.broker.topology import Topology
+from service.adapters.broker.envelope import decode_batch
+from service.adapters.broker.topology import Topology
 from service.config import Settings, load_settings
 
 TOKEN = "bench-webhook-token-0123456789abcdef012345"
@@ -80,9 +80,9 @@ def _bare_app() -> web.Application:
 
 
 async def _serve(kind: str, port: int, ready: EventType) -> None:
-    from handlers.app import make_app
-    from service.broker.publisher import EventPublisher
-    from service.context import AppContext
+    from handlers.http_app import make_app
+    from service.adapters.broker.publisher import EventPublisher
+    from service.bootstrap.context import AppContext
     from service.logs import setup_logging
 
     settings = load_settings(dotenv=None)

@@ -22,7 +22,7 @@ from pathlib import Path
 import asyncpg
 
 from bench._databases import create_database, drop_database
-from service.migrations import apply_migrations, migration_sql
+from service.adapters.stores.migrations import apply_migrations, migration_sql
 
 ORIGINAL = Path(__file__).parent.parent / "tests" / "data" / "original_tables.sql"
 FILL = """

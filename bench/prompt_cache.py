@@ -8,7 +8,7 @@ request's longest common prefix with the previous request of the same contact
 
 - the cacheable share of prompt tokens on re-analyses (target >= 80 %), and the share
   billed as cached under OpenAI's rules (prefixes from 1,024 tokens, 128-token steps);
-- cost per lead per month at the price table (`service/analyzers/prices.py`), assuming a
+- cost per lead per month at the price table (`service/adapters/analyzers/prices.py`), assuming a
   lead's replayed dialog is one month of it, against the same calls with nothing cached
   (the baseline of this run).
 
@@ -25,12 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.analyzers.base import TokenUsage
-from service.analyzers.openai_analyzer import OpenAIAnalyzer
-from service.analyzers.prices import EST_COMPLETION_TOKENS, PRICES_AS_OF, price_of
-from service.analyzers.rules import RulesAnalyzer
+from service.adapters.analyzers.base import TokenUsage
+from service.adapters.analyzers.openai_analyzer import OpenAIAnalyzer
+from service.adapters.analyzers.prices import EST_COMPLETION_TOKENS, PRICES_AS_OF, price_of
+from service.adapters.analyzers.rules import RulesAnalyzer
+from service.cli.demo import load_sample_dialogs
 from service.config import Settings
-from service.demo import load_sample_dialogs
 from service.domain.dialog import Contact, Dialog, DialogMessage, dialog_of
 from service.domain.facts import empty_facts
 from tests.fakes.openai_server import FakeOpenAI, RecordedRequest

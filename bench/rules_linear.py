@@ -15,7 +15,7 @@ import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 
-from service.analyzers.rules import RulesAnalyzer
+from service.adapters.analyzers.rules import RulesAnalyzer
 from service.config import Settings
 from service.domain.dialog import Contact, Dialog, DialogMessage
 from service.domain.text_bounds import bounded_dialog

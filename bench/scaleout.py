@@ -80,8 +80,8 @@ def _env(settings: Settings) -> dict[str, str]:
 
 
 async def _run(base: Settings, processes: int, contacts: int, res_dsn: str) -> float:
-    from service.broker.envelope import QueuedEvent
-    from service.broker.publisher import EventPublisher
+    from service.adapters.broker.envelope import QueuedEvent
+    from service.adapters.broker.publisher import EventPublisher
     from tests.harness import declare_topology, delete_topology
 
     settings = msgspec.structs.replace(base, amqp_prefix=f"bench.so.{secrets.token_hex(4)}")
@@ -147,10 +147,10 @@ async def _run(base: Settings, processes: int, contacts: int, res_dsn: str) -> f
 
 
 async def _bench(args: argparse.Namespace) -> int:
+    from service.adapters.evolution.seed import create_instance, create_schema
+    from service.adapters.stores.factory import open_store
+    from service.adapters.stores.migrations import apply_migrations
     from service.domain.facts import empty_facts
-    from service.evolution.seed import create_instance, create_schema
-    from service.migrations import apply_migrations
-    from service.stores.factory import open_store
     from tests.fakes.openai_server import FakeOpenAI
 
     suffix = secrets.token_hex(4)

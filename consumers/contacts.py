@@ -30,10 +30,10 @@ from aio_pika.abc import (
 from loguru import logger
 
 from consumers.membership import Membership
-from service.broker.assignment import assign
-from service.broker.confirm import BrokerUnavailableError, NackedError, publish_confirmed
-from service.broker.connection import connect_cluster
-from service.broker.envelope import (
+from service.adapters.broker.assignment import assign
+from service.adapters.broker.confirm import BrokerUnavailableError, NackedError, publish_confirmed
+from service.adapters.broker.connection import connect_cluster
+from service.adapters.broker.envelope import (
     H_ATTEMPT,
     H_ERROR,
     H_IDEMPOTENCY_KEYS,
@@ -44,13 +44,13 @@ from service.broker.envelope import (
     header_int,
     shard_for,
 )
-from service.broker.topology import Topology
+from service.adapters.broker.topology import Topology
+from service.adapters.evolution.resolver import ContactResolver
+from service.bootstrap.context import AppContext
 from service.config import Settings
-from service.context import AppContext
 from service.domain.dialog import DialogMessage, from_unix
-from service.evolution.resolver import ContactResolver
-from service.intake_guard import event_problem
 from service.logs import contact_hash
+from service.usecases.intake_guard import event_problem
 
 _ACCOUNT_TTL = 30.0  # seconds an instance -> account lookup is reused
 # Events whose contact is not known yet (a LID-only message, an edit or delete of a

@@ -21,13 +21,13 @@ from aio_pika.abc import (
 )
 from loguru import logger
 
-from service.broker.connection import connect_cluster
-from service.broker.envelope import H_ERROR, H_ORIGINAL_ROUTING_KEY
-from service.broker.publisher import BrokerUnavailableError, EventPublisher
-from service.broker.topology import Topology
-from service.context import AppContext
-from service.intake import Accepted, Ignored, event_label
-from service.intake_guard import parse_checked
+from service.adapters.broker.connection import connect_cluster
+from service.adapters.broker.envelope import H_ERROR, H_ORIGINAL_ROUTING_KEY
+from service.adapters.broker.publisher import BrokerUnavailableError, EventPublisher
+from service.adapters.broker.topology import Topology
+from service.bootstrap.context import AppContext
+from service.usecases.intake import Accepted, Ignored, event_label
+from service.usecases.intake_guard import parse_checked
 
 _RETRY_PAUSE = 1.0  # seconds before a delivery that could not be published is returned
 

@@ -24,7 +24,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from loguru import logger
 from pamqp.commands import Basic
 
-from service.broker.topology import Topology
+from service.adapters.broker.topology import Topology
 
 
 class Heartbeat(msgspec.Struct, kw_only=True):

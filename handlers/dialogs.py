@@ -1,7 +1,7 @@
 """REST `/dialogs/...`: the original service's paths, parameters and response shapes.
 
 Handlers only translate HTTP into calls of the results store, the manual-edit rules
-(`service.lead_edits`) and the backfill runner; every read and write is scoped to the
+(`service.usecases.lead_edits`) and the backfill runner; every read and write is scoped to the
 account given. Routes and `/openapi.json` are both built from `ROUTES`.
 """
 
@@ -16,18 +16,9 @@ from datetime import UTC, datetime
 from aiohttp import web
 from loguru import logger
 
-from handlers.app import CTX, context
-from handlers.errors import ApiError, decode_body, json_response, parse_query, path_uuid
-from service.backfill import BackfillOptions, run_backfill
-from service.csv_export import csv_chunks
-from service.lead_edits import (
-    PHONE_MAX_DIGITS,
-    PHONE_MIN_DIGITS,
-    new_manual_lead,
-    normalized_phone,
-    patch_update,
-)
-from service.rest_models import (
+from handlers.http_app import CTX, context
+from handlers.http_errors import ApiError, decode_body, json_response, parse_query, path_uuid
+from handlers.rest_models import (
     AccountParams,
     AnalysisListParams,
     AnalysisListResponse,
@@ -44,7 +35,16 @@ from service.rest_models import (
     StatsResponse,
     lead_out,
 )
-from service.stores.base import DuplicateLeadError, LeadRow, ResultsStore
+from service.adapters.stores.base import DuplicateLeadError, LeadRow, ResultsStore
+from service.usecases.backfill import BackfillOptions, run_backfill
+from service.usecases.csv_export import csv_chunks
+from service.usecases.lead_edits import (
+    PHONE_MAX_DIGITS,
+    PHONE_MIN_DIGITS,
+    new_manual_lead,
+    normalized_phone,
+    patch_update,
+)
 
 RouteHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 EXPORTS: web.AppKey[asyncio.Semaphore] = web.AppKey("csv_exports", asyncio.Semaphore)

@@ -15,8 +15,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from handlers.rest_models import Endpoint, ErrorResponse
 from handlers.webhooks import ROUTES as WEBHOOK_ROUTES
-from service.rest_models import Endpoint, ErrorResponse
 
 REF = "#/components/schemas/{name}"
 OPENAPI_DOC: web.AppKey[dict[str, Any]] = web.AppKey("openapi_doc", dict)

@@ -13,11 +13,11 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from loguru import logger
 
-from handlers.app import context
-from handlers.errors import json_response
-from service.context import AppContext
-from service.rest_models import Endpoint, ReadyResponse
-from service.stores.base import StoreAccessError
+from handlers.http_app import context
+from handlers.http_errors import json_response
+from handlers.rest_models import Endpoint, ReadyResponse
+from service.adapters.stores.base import StoreAccessError
+from service.bootstrap.context import AppContext
 
 CHECK_TIMEOUT = 3.0
 

@@ -4,7 +4,7 @@ Three credentials: API_TOKEN, the platform-wide admin (any `userAccountId`); an 
 made by `crm-backend keys create` (`crm_…`), bound to one account; a Supabase Auth access
 token, bound to the signed-in user's account. With a bound credential the account comes
 from the credential: a request naming another one gets 404, as a foreign lead does
-(`handlers.errors` applies it where requests are decoded).
+(`handlers.http_errors` applies it where requests are decoded).
 
 The webhook routes check Evolution's credentials themselves (`handlers.webhooks`). The
 decision is taken on the matched route, not on the raw path, so no spelling of a URL can
@@ -21,14 +21,14 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from loguru import logger
 
-from handlers.app import context
-from handlers.errors import Handler, error_response
+from handlers.http_app import context
+from handlers.http_errors import Handler, error_response
 from handlers.principal import Principal, set_principal
 from handlers.webhooks import ROUTES as WEBHOOK_ROUTES
-from service.api_keys import key_account, looks_like_key
+from service.adapters.user_tokens import UserTokens
 from service.config import Settings
-from service.intake_guard import bounded
-from service.user_tokens import UserTokens
+from service.usecases.api_keys import key_account, looks_like_key
+from service.usecases.intake_guard import bounded
 
 OPEN_ROUTES = frozenset({"/health", *WEBHOOK_ROUTES})
 # Platform-wide figures: the admin credential only.

@@ -2,17 +2,11 @@
 
 Status codes follow Evolution's retry rules: 200 only after RabbitMQ confirmed the events;
 400/401/413 for what a retry cannot fix; 503 (retried by Evolution) when the broker is
-unavailable. The request/response middleware here stamps a request id on every log line
-and logs requests at DEBUG only: aiohttp's own access log through loguru's JSON sink costs
-most of the server's throughput.
+unavailable.
 """
 
 from __future__ import annotations
 
-import random
-import re
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -20,26 +14,24 @@ import msgspec
 from aiohttp import web
 from loguru import logger
 
-from handlers.app import context
 from handlers.body import BodyError, read_limited
-from service.broker.publisher import BrokerUnavailableError
-from service.instance_auth import InstanceApikeys
-from service.intake import (
+from handlers.http_app import context
+from service.adapters.broker.publisher import BrokerUnavailableError
+from service.usecases.instance_auth import InstanceApikeys
+from service.usecases.intake import (
     Accepted,
     Ignored,
     event_label,
     normalize_event,
     split_event_tail,
 )
-from service.intake_guard import parse_checked
-from service.webhook_auth import WebhookAuth, WebhookCredentials
+from service.usecases.intake_guard import parse_checked
+from service.usecases.webhook_auth import WebhookAuth, WebhookCredentials
 
 AUTH: web.AppKey[WebhookAuth] = web.AppKey("webhook_auth", WebhookAuth)
 APIKEYS: web.AppKey[InstanceApikeys] = web.AppKey("instance_apikeys", InstanceApikeys)
 
 _encoder = msgspec.json.Encoder()
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Every path Evolution can build from a configured `…/webhooks/evolution[/]`: with
 # byEvents it appends `/<event-path>` by string concatenation, so a trailing slash in the
@@ -146,41 +138,12 @@ async def evolution_webhook(request: web.Request) -> web.Response:
     return _json(200, {"ok": True, "queued": len(outcome.events)})
 
 
-@web.middleware
-async def request_context(request: web.Request, handler: _Handler) -> web.StreamResponse:
-    """Request id on every log line of the request; one DEBUG line per request."""
-    given = request.headers.get("X-Request-Id", "")
-    # Not a secret, just unique enough to correlate lines: no urandom call per request.
-    request_id = given if _REQUEST_ID.fullmatch(given) else f"{random.getrandbits(64):016x}"
-    started = time.perf_counter()
-    status = 500
-    with logger.contextualize(request_id=request_id):
-        try:
-            response = await handler(request)
-            status = response.status
-            response.headers["X-Request-Id"] = request_id
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        finally:
-            # The path only: the query string may carry the webhook token.
-            logger.debug(
-                "{} {} {} {:.1f}ms",
-                request.method,
-                request.path,
-                status,
-                (time.perf_counter() - started) * 1000,
-            )
-
-
 def setup(app: web.Application) -> None:
-    from handlers.app import CTX
+    from handlers.http_app import CTX
 
     app[AUTH] = WebhookAuth.from_settings(app[CTX].settings)
     reader = app[CTX].reader
     if app[CTX].settings.webhook_verify_instance_apikey and reader is not None:
         app[APIKEYS] = InstanceApikeys(reader)
-    app.middlewares.append(request_context)
     for path in ROUTES:
         app.router.add_post(path, evolution_webhook)

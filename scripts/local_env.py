@@ -66,7 +66,7 @@ async def main() -> None:
     if "127.0.0.1" in settings.evolution_dsn() and await ensure_database(
         settings.evolution_dsn().rsplit("/", 1)[-1]
     ):
-        from service.evolution.seed import create_schema
+        from service.adapters.evolution.seed import create_schema
 
         await create_schema(settings.evolution_dsn())
         print("created an empty local Evolution database", file=sys.stderr)

@@ -286,7 +286,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         return delays
 
     def amqp_node_urls(self) -> list[str]:
-        from service.broker.urls import node_urls
+        from service.adapters.broker.urls import node_urls
 
         return node_urls(self.amqp_url)
 

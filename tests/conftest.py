@@ -51,7 +51,7 @@ async def load_evolution_schema(dsn: str, schema: str = "public") -> None:
     try:
         if schema != "public":
             await conn.execute(f'CREATE SCHEMA "{schema}"; SET search_path TO "{schema}"')
-        await conn.execute((ROOT / "service" / "evolution" / "schema.sql").read_text())
+        await conn.execute((ROOT / "service" / "adapters" / "evolution" / "schema.sql").read_text())
     finally:
         await conn.close()
 

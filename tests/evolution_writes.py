@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from service.evolution.seed import new_id
+from service.adapters.evolution.seed import new_id
 
 OWNER = "77015550101@s.whatsapp.net"  # the instance's own number (`sender`, ownerJid)
 

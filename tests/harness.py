@@ -21,11 +21,11 @@ import asyncpg
 import msgspec
 from aiohttp.test_utils import TestClient, TestServer
 
-from service.app import app_context
-from service.broker.connection import connect_once
+from service.adapters.broker.connection import connect_once
+from service.adapters.stores.base import LeadRow
+from service.bootstrap.builders import app_context
+from service.bootstrap.context import AppContext
 from service.config import Settings, load_settings
-from service.context import AppContext
-from service.stores.base import LeadRow
 
 WEBHOOK_TOKEN = "test-webhook-token-0123456789abcdef0123"
 API_TOKEN = "test-api-token-0123456789abcdef012345678"
@@ -128,7 +128,7 @@ class Harness:
 
     async def store_message(self, body: dict[str, Any]) -> None:
         """Write the webhook's message to the Evolution DB, as Evolution does."""
-        from service.evolution.seed import insert_webhook_message
+        from service.adapters.evolution.seed import insert_webhook_message
 
         conn = await self.evolution_conn()
         try:
@@ -198,7 +198,7 @@ class Harness:
 
 async def queue_depth(settings: Settings, include_unacked: bool = True) -> int:
     """Messages in the shard queues (ready + unacknowledged)."""
-    from service.broker.topology import Topology
+    from service.adapters.broker.topology import Topology
 
     topology = Topology(settings)
     connection = await connect_once(settings, "test")
@@ -214,7 +214,7 @@ async def queue_depth(settings: Settings, include_unacked: bool = True) -> int:
 
 
 async def declare_topology(settings: Settings) -> None:
-    from service.broker.topology import Topology
+    from service.adapters.broker.topology import Topology
 
     connection = await connect_once(settings, "test")
     try:
@@ -225,7 +225,7 @@ async def declare_topology(settings: Settings) -> None:
 
 async def delete_topology(settings: Settings) -> None:
     """Remove every exchange and queue a test declared (prefix is unique per test)."""
-    from service.broker.topology import Topology
+    from service.adapters.broker.topology import Topology
 
     topology = Topology(settings)
     connection = await connect_once(settings, "test")
@@ -242,7 +242,7 @@ async def delete_topology(settings: Settings) -> None:
 
 
 async def map_instance(settings: Settings, account: uuid.UUID, instance: str = INSTANCE) -> None:
-    from service.stores.factory import open_store
+    from service.adapters.stores.factory import open_store
 
     store = await open_store(settings)
     try:
@@ -270,12 +270,12 @@ async def running_service(
 ) -> AsyncIterator[Harness]:
     """Intake (aiohttp test server) + in-process consumer on the given settings."""
     from consumers.contacts import ContactConsumer
-    from handlers.app import make_app
+    from handlers.http_app import make_app
 
     async with app_context(settings, publisher=True) as ctx:
         if analyzer is not None:
             ctx.analyzer = analyzer
-            from service.pipeline import Pipeline
+            from service.usecases.pipeline import Pipeline
 
             assert ctx.reader is not None and ctx.store is not None
             ctx.pipeline = Pipeline(settings, ctx.reader, ctx.store, analyzer, ctx.metrics)

@@ -22,10 +22,10 @@ import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from handlers.app import make_app
+from handlers.http_app import make_app
+from service.adapters.stores.base import ResultsStore
+from service.bootstrap.context import AppContext
 from service.config import Settings, load_settings
-from service.context import AppContext
-from service.stores.base import ResultsStore
 from tests.fakes.postgrest_server import SERVICE_KEY
 
 API_TOKEN = "rest-test-token-0123456789abcdef0123456"
@@ -178,7 +178,7 @@ async def serve(ctx: AppContext) -> AsyncIterator[TestClient[Any, Any]]:
 @contextlib.asynccontextmanager
 async def open_store(kind: str, results_dsn: str) -> AsyncIterator[ResultsStore]:
     if kind == "postgres":
-        from service.stores.postgres import PostgresStore
+        from service.adapters.stores.postgres import PostgresStore
 
         store: ResultsStore = await PostgresStore.open(results_dsn)
         try:
@@ -186,7 +186,7 @@ async def open_store(kind: str, results_dsn: str) -> AsyncIterator[ResultsStore]
         finally:
             await store.close()
         return
-    from service.stores.supabase import SupabaseStore
+    from service.adapters.stores.supabase import SupabaseStore
     from tests.fakes.postgrest_server import running_postgrest
 
     async with running_postgrest(results_dsn) as server:

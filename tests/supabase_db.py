@@ -30,7 +30,7 @@ from typing import Any
 
 import asyncpg
 
-from service.migrations import apply_migrations
+from service.adapters.stores.migrations import apply_migrations
 from tests.conftest import DATA, PG_HOST, PG_PORT, create_database, drop_database, pg_dsn
 
 OWNER = "crmt_supabase_owner"

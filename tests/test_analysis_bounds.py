@@ -12,7 +12,7 @@ import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 
-from service.analyzers.rules import RulesAnalyzer
+from service.adapters.analyzers.rules import RulesAnalyzer
 from service.domain.dialog import Dialog, DialogMessage
 from tests.test_prompt import make_dialog
 
@@ -57,7 +57,7 @@ async def test_rules_analysis_runs_off_the_event_loop() -> None:
 
 
 async def test_analysis_timeout_is_a_transient_error() -> None:
-    from service.analyzers.base import AnalyzerUnavailableError
+    from service.adapters.analyzers.base import AnalyzerUnavailableError
 
     analyzer = RulesAnalyzer(timeout=0.001)
     try:
@@ -117,9 +117,9 @@ class Recording:
 async def test_the_pipeline_gives_analyzers_bounded_text(service_settings: object) -> None:
     import uuid
 
-    from service.app import app_context
+    from service.bootstrap.builders import app_context
     from service.config import Settings
-    from service.pipeline import Pipeline
+    from service.usecases.pipeline import Pipeline
     from tests.harness import INSTANCE
 
     assert isinstance(service_settings, Settings)

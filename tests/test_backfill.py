@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from service.evolution.seed import load_dialogs
+from service.adapters.evolution.seed import load_dialogs
 from tests.fakes.openai_server import FakeOpenAI
 
 ROOT = Path(__file__).parent.parent

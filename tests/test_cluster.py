@@ -16,8 +16,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from service.broker.connection import connect_once
-from service.broker.topology import Topology
+from service.adapters.broker.connection import connect_once
+from service.adapters.broker.topology import Topology
 from service.config import Settings
 from service.domain.facts import empty_facts
 from tests.cluster import CLUSTER_URL, NODES, Cluster
@@ -81,7 +81,7 @@ async def notifications(settings: Settings) -> list[dict[str, Any]]:
 
 
 async def dead_contacts(settings: Settings) -> set[str]:
-    from consumers.dlq import list_dead
+    from service.cli.dlq import list_dead
 
     _, letters = await list_dead(settings, 1000)
     return {c for letter in letters for c in letter.contacts}

@@ -9,8 +9,8 @@ from typing import Any
 import aio_pika
 import pytest
 
-from service.analyzers.base import AnalysisResult, Analyzer
-from service.analyzers.rules import RulesAnalyzer
+from service.adapters.analyzers.base import AnalysisResult, Analyzer
+from service.adapters.analyzers.rules import RulesAnalyzer
 from service.config import Settings
 from service.domain.dialog import Dialog
 from tests.harness import (
@@ -184,7 +184,7 @@ async def test_lead_hot_published_once(settings: Settings, amqp_url: str) -> Non
     t0 = int(time.time()) - 7200
     connection = await aio_pika.connect(amqp_url)
     channel = await connection.channel()
-    from service.broker.topology import Topology
+    from service.adapters.broker.topology import Topology
 
     topology = Topology(settings)
     async with running_service(settings, analyzer=analyzer) as svc:
@@ -216,7 +216,7 @@ class FailingAnalyzer:
         self.calls = 0
 
     async def analyze(self, dialog: Dialog) -> AnalysisResult:
-        from service.analyzers.base import AnalyzerUnavailableError
+        from service.adapters.analyzers.base import AnalyzerUnavailableError
 
         self.calls += 1
         raise AnalyzerUnavailableError("model overloaded (test)")
@@ -226,7 +226,7 @@ class FailingAnalyzer:
 
 
 async def test_failing_analyzer_dead_letters_then_replay_completes(settings: Settings) -> None:
-    from consumers.dlq import list_dead, replay_dead
+    from service.cli.dlq import list_dead, replay_dead
 
     phone = "77010000006"
     t0 = int(time.time()) - 600
@@ -261,8 +261,8 @@ async def test_failing_analyzer_dead_letters_then_replay_completes(settings: Set
 
 
 async def test_poison_message_goes_straight_to_dlq(settings: Settings) -> None:
-    from consumers.dlq import list_dead
-    from service.broker.topology import Topology
+    from service.adapters.broker.topology import Topology
+    from service.cli.dlq import list_dead
 
     analyzer = CountingAnalyzer()
     topology = Topology(settings)

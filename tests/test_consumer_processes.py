@@ -13,7 +13,7 @@ import aio_pika
 import msgspec
 import pytest
 
-from service.broker.topology import Topology
+from service.adapters.broker.topology import Topology
 from service.config import Settings
 from tests.harness import (
     declare_topology,

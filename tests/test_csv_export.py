@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from service.csv_export import (
+from service.adapters.stores.base import LeadRow
+from service.usecases.csv_export import (
     BOM,
     COLUMNS,
     ORIGINAL_COLUMNS,
@@ -20,7 +21,6 @@ from service.csv_export import (
     encode_rows,
     neutralise,
 )
-from service.stores.base import LeadRow
 
 # The contract's order of the original service's columns.
 CONTRACT_ORIGINAL = (

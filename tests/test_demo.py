@@ -7,8 +7,8 @@ import json
 import secrets
 from pathlib import Path
 
+from service.cli.demo import DEMO_ACCOUNT, run_demo, webhook_bodies
 from service.config import load_settings
-from service.demo import DEMO_ACCOUNT, run_demo, webhook_bodies
 from tests.conftest import drop_database
 from tests.harness import delete_topology
 

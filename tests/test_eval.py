@@ -11,8 +11,8 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from service.adapters.evolution.seed import load_dialogs
 from service.domain.facts import empty_facts
-from service.evolution.seed import load_dialogs
 from tests.fakes.openai_server import FakeOpenAI
 from tests.test_backfill import ROOT, _env, backfill, run_cli
 

@@ -16,9 +16,9 @@ from typing import Any
 import asyncpg
 import pytest
 
+from service.adapters.evolution.reader import EvolutionReader
 from service.config import Settings
-from service.evolution.reader import EvolutionReader
-from service.intake import Accepted, Ignored, parse_webhook
+from service.usecases.intake import Accepted, Ignored, parse_webhook
 from tests.evolution_writes import OWNER, api_delete, edit, revoke
 from tests.harness import INSTANCE, message_body, running_service
 

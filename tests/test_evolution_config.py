@@ -27,10 +27,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from service.app import app_context
+from service.adapters.evolution.reader import EvolutionReader
+from service.adapters.evolution.seed import insert_webhook_message
+from service.bootstrap.builders import app_context
 from service.config import ConfigError, load_settings, parse_database_url
-from service.evolution.reader import EvolutionReader
-from service.evolution.seed import insert_webhook_message
 from tests.conftest import (
     PG_HOST,
     PG_PORT,
@@ -216,8 +216,8 @@ async def test_bridge_carries_deletes_and_edits(amqp_url: str, amqp_prefix: str)
     import aio_pika
 
     from consumers.evolution_bridge import EvolutionBridge
-    from service.broker.publisher import EventPublisher
-    from service.context import AppContext
+    from service.adapters.broker.publisher import EventPublisher
+    from service.bootstrap.context import AppContext
     from tests.harness import delete_topology
     from tests.test_publisher import amqp_settings, drain, events_of
 

@@ -11,17 +11,17 @@ from typing import Any
 import asyncpg
 import pytest
 
-from service.domain.dialog import ContactSummary
-from service.evolution.identity import phone_jid, phone_jid_sql
-from service.evolution.index import CONTACT_INDEX, LID_INDEX, apply_index, index_sql
-from service.evolution.reader import EvolutionReader, EvolutionUnavailableError, dialog_sql
-from service.evolution.seed import (
+from service.adapters.evolution.identity import phone_jid, phone_jid_sql
+from service.adapters.evolution.index import CONTACT_INDEX, LID_INDEX, apply_index, index_sql
+from service.adapters.evolution.reader import EvolutionReader, EvolutionUnavailableError, dialog_sql
+from service.adapters.evolution.seed import (
     create_instance,
     create_schema,
     dialog_key_id,
     insert_webhook_message,
     load_dialogs,
 )
+from service.domain.dialog import ContactSummary
 
 INSTANCE = "clinic-sales"  # the instance named by the webhook examples
 

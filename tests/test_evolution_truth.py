@@ -22,12 +22,12 @@ import asyncpg
 import msgspec
 import pytest
 
-from service.backfill import BackfillOptions, run_backfill
+from service.adapters.evolution.reader import EvolutionReader
+from service.adapters.evolution.resolver import ContactResolver
+from service.adapters.stores.factory import open_store
 from service.config import Settings
-from service.evolution.reader import EvolutionReader
-from service.evolution.resolver import ContactResolver
-from service.intake import Accepted, parse_webhook
-from service.stores.factory import open_store
+from service.usecases.backfill import BackfillOptions, run_backfill
+from service.usecases.intake import Accepted, parse_webhook
 from tests.evolution_writes import edit, revoke
 from tests.harness import INSTANCE, running_service
 from tests.test_evolution_changes import (

@@ -24,8 +24,8 @@ import pytest
 from yarl import URL
 
 from service.config import Settings
-from service.intake import split_event_tail
-from service.webhook_auth import (
+from service.usecases.intake import split_event_tail
+from service.usecases.webhook_auth import (
     EVOLUTION_RETRY_ATTEMPTS,
     JWT_RETRY_GRACE_SECONDS,
     evolution_retry_span,

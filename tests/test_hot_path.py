@@ -12,10 +12,10 @@ import msgspec
 import pytest
 from loguru import logger
 
-from service.app import app_context
+from service.adapters.stores.postgres import PostgresStore
+from service.bootstrap.builders import app_context
 from service.config import load_settings
 from service.logs import setup_logging
-from service.stores.postgres import PostgresStore
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ class _Timed:
 async def test_an_event_reads_stored_state_and_dialog_at_once(
     service_settings: Any, account: Any
 ) -> None:
-    from service.pipeline import Pipeline
+    from service.usecases.pipeline import Pipeline
     from tests.harness import INSTANCE
 
     log: list[str] = []

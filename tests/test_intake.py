@@ -13,12 +13,12 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from loguru import logger
 
-from handlers.app import make_app
-from service.broker.envelope import H_IDEMPOTENCY_KEYS, decode_batch, shard_for
-from service.broker.publisher import EventPublisher
+from handlers.http_app import make_app
+from service.adapters.broker.envelope import H_IDEMPOTENCY_KEYS, decode_batch, shard_for
+from service.adapters.broker.publisher import EventPublisher
+from service.bootstrap.context import AppContext
 from service.config import Settings
-from service.context import AppContext
-from service.intake import (
+from service.usecases.intake import (
     Accepted,
     Ignored,
     Rejected,
@@ -521,7 +521,7 @@ async def test_evolution_exchange_bridge(
     import aio_pika
 
     from consumers.evolution_bridge import EvolutionBridge
-    from service.broker.topology import Topology
+    from service.adapters.broker.topology import Topology
     from tests.test_publisher import queued_count
 
     source = f"{settings.amqp_prefix}.evolution-src"

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from service.config import Settings
-from service.intake import Accepted
+from service.usecases.intake import Accepted
 from tests.test_intake import URL, body_of, intake_app, message, post
 from tests.test_publisher import WEBHOOK_TOKEN, amqp_settings, drain, events_of
 
@@ -121,7 +121,7 @@ async def test_timestamps_from_the_future_are_clamped_to_receipt(
 
 
 def test_small_clock_skew_is_kept() -> None:
-    from service.intake_guard import parse_checked
+    from service.usecases.intake_guard import parse_checked
 
     now = 1_800_000_000
     outcome = parse_checked(body_of(message(timestamp=now + 120)), now=now)

@@ -25,12 +25,12 @@ import httpx
 import msgspec
 import pytest
 
-from service.analyzers.openai_analyzer import OpenAIAnalyzer
-from service.analyzers.rules import RulesAnalyzer
+from service.adapters.analyzers.openai_analyzer import OpenAIAnalyzer
+from service.adapters.analyzers.rules import RulesAnalyzer
+from service.adapters.evolution.seed import load_dialogs
 from service.config import Settings
 from service.domain.facts import LeadFacts
 from service.domain.scoring import ScoreInputs, score
-from service.evolution.seed import load_dialogs
 from tests.harness import free_port_in
 from tests.test_backfill import _env, backfill
 from tests.test_openai_analyzer import demo_dialog

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.evolution.message_text import SKIPPED_TYPES, message_text
+from service.adapters.evolution.message_text import SKIPPED_TYPES, message_text
 
 WEBHOOKS = Path(__file__).parent / "data" / "webhooks"
 

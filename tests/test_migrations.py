@@ -10,9 +10,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from service.migrations import apply_migrations, load_migrations, migration_sql
-from service.stores.base import AnalysisWrite, LeadQuery
-from service.stores.postgres import PostgresStore
+from service.adapters.stores.base import AnalysisWrite, LeadQuery
+from service.adapters.stores.migrations import apply_migrations, load_migrations, migration_sql
+from service.adapters.stores.postgres import PostgresStore
 from tests.supabase_db import execute, fetch, load_original
 
 VERSIONS = [m.version for m in load_migrations()]
@@ -346,9 +346,9 @@ async def test_migrate_rebuilds_an_index_an_interrupted_concurrent_build_left_in
 async def test_writers_pass_while_migrate_waits_for_a_table_lock(
     supabase_empty_db: str, account: uuid.UUID, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import service.migrations
+    import service.adapters.stores.migrations
 
-    monkeypatch.setattr(service.migrations, "LOCK_TIMEOUT", "100ms")
+    monkeypatch.setattr(service.adapters.stores.migrations, "LOCK_TIMEOUT", "100ms")
     db = supabase_empty_db
     await load_original(db, account)
     blocker = await asyncpg.connect(db)  # a long report reading the table
@@ -376,7 +376,7 @@ async def test_writers_pass_while_migrate_waits_for_a_table_lock(
 
 
 async def test_a_batched_update_ends_on_a_short_batch(empty_db: str) -> None:
-    from service.migrations import _run_online_step, parse_migration
+    from service.adapters.stores.migrations import _run_online_step, parse_migration
 
     # Each batch changes the one row again, as rows live writers keep adding would: it must
     # end once a batch comes back short of its LIMIT, not wait for an empty one.

@@ -11,11 +11,11 @@ from datetime import date
 import pytest
 from loguru import logger
 
-from service.analyzers.model_lifecycle import ModelLifecycle
+from service.adapters.analyzers.model_lifecycle import ModelLifecycle
+from service.adapters.stores.postgres import PostgresStore
+from service.bootstrap.context import AppContext
 from service.config import Settings
-from service.context import AppContext
 from service.metrics import Metrics
-from service.stores.postgres import PostgresStore
 from tests.fakes.openai_server import FakeOpenAI
 from tests.rest_support import API_TOKEN, rest_settings, serve
 

@@ -18,20 +18,20 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from service.analyzers.base import (
+from service.adapters.analyzers.base import (
     AnalysisResult,
     AnalyzerConfigError,
     AnalyzerUnavailableError,
 )
-from service.analyzers.openai_analyzer import (
+from service.adapters.analyzers.openai_analyzer import (
     FactsExtractor,
     OpenAIAnalyzer,
     RetryPolicy,
     retry_after_seconds,
 )
-from service.analyzers.prompt import DIALOG_CLOSE, DIALOG_OPEN, SYSTEM_PROMPT
-from service.analyzers.rules import RulesAnalyzer
-from service.analyzers.schema import FIELD_DESCRIPTIONS, lead_facts_schema
+from service.adapters.analyzers.prompt import DIALOG_CLOSE, DIALOG_OPEN, SYSTEM_PROMPT
+from service.adapters.analyzers.rules import RulesAnalyzer
+from service.adapters.analyzers.schema import FIELD_DESCRIPTIONS, lead_facts_schema
 from service.config import Settings
 from service.domain.dialog import Contact, Dialog, DialogMessage
 from service.domain.facts import LeadFacts

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from service.analyzers.base import AnalyzerUnavailableError
-from service.analyzers.openai_analyzer import OpenAIAnalyzer, RetryPolicy
-from service.analyzers.prompt import SCHEMA_INTRO, SYSTEM_PROMPT
-from service.analyzers.rules import RulesAnalyzer
-from service.analyzers.schema import lead_facts_schema
+from service.adapters.analyzers.base import AnalyzerUnavailableError
+from service.adapters.analyzers.openai_analyzer import OpenAIAnalyzer, RetryPolicy
+from service.adapters.analyzers.prompt import SCHEMA_INTRO, SYSTEM_PROMPT
+from service.adapters.analyzers.rules import RulesAnalyzer
+from service.adapters.analyzers.schema import lead_facts_schema
 from service.config import Settings
 from tests.fakes.openai_server import FakeOpenAI, FakeReply
 from tests.test_openai_analyzer import CLINIC, SCHOOL

@@ -10,7 +10,7 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.analyzers.prompt import (
+from service.adapters.analyzers.prompt import (
     CONTINUATION,
     DIALOG_CLOSE,
     DIALOG_OPEN,
@@ -19,7 +19,7 @@ from service.analyzers.prompt import (
     estimate_tokens,
     render_dialog,
 )
-from service.analyzers.schema import lead_facts_schema
+from service.adapters.analyzers.schema import lead_facts_schema
 from service.config import Settings
 from service.domain.dialog import Contact, Dialog, DialogMessage
 from service.domain.facts import FUNNEL_STAGES, LeadFacts

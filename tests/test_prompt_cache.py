@@ -6,9 +6,9 @@ from __future__ import annotations
 import itertools
 from datetime import UTC, datetime, timedelta
 
-from service.analyzers.openai_analyzer import OpenAIAnalyzer
-from service.analyzers.prompt import DIALOG_OPEN, build_prompt
-from service.analyzers.rules import RulesAnalyzer
+from service.adapters.analyzers.openai_analyzer import OpenAIAnalyzer
+from service.adapters.analyzers.prompt import DIALOG_OPEN, build_prompt
+from service.adapters.analyzers.rules import RulesAnalyzer
 from service.config import Settings
 from service.domain.dialog import Contact, Dialog, DialogMessage, dialog_of
 from tests.fakes.openai_server import FakeOpenAI

@@ -19,15 +19,15 @@ import msgspec
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from service.broker.envelope import (
+from service.adapters.broker.envelope import (
     H_ATTEMPT,
     H_IDEMPOTENCY_KEYS,
     QueuedEvent,
     decode_batch,
     shard_for,
 )
-from service.broker.publisher import BrokerUnavailableError, EventPublisher
-from service.broker.topology import DELIVERY_LIMIT, H_RETRY_DELAY, Topology
+from service.adapters.broker.publisher import BrokerUnavailableError, EventPublisher
+from service.adapters.broker.topology import DELIVERY_LIMIT, H_RETRY_DELAY, Topology
 from service.config import Settings, load_settings
 from tests.harness import delete_topology
 

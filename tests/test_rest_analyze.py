@@ -16,15 +16,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from handlers.dialogs import ROUTES
-from service.analyzers.rules import RulesAnalyzer
-from service.broker.publisher import EventPublisher
-from service.broker.topology import Topology
-from service.context import AppContext
+from handlers.rest_models import AnalysisListParams, LeadPatchBody
+from service.adapters.analyzers.rules import RulesAnalyzer
+from service.adapters.broker.publisher import EventPublisher
+from service.adapters.broker.topology import Topology
+from service.adapters.evolution import seed
+from service.adapters.evolution.reader import EvolutionReader
+from service.bootstrap.context import AppContext
 from service.domain.scoring import ScoreInputs, score
-from service.evolution import seed
-from service.evolution.reader import EvolutionReader
-from service.pipeline import Pipeline
-from service.rest_models import AnalysisListParams, LeadPatchBody
+from service.usecases.pipeline import Pipeline
 from tests.harness import delete_topology
 from tests.rest_support import (
     API_TOKEN,

@@ -59,7 +59,7 @@ async def as_(api: Api, token: str, method: str, path: str, **kw: Any) -> tuple[
 
 
 async def test_api_key_reads_and_edits_only_its_account(api: Api) -> None:
-    from service.api_keys import create_key
+    from service.usecases.api_keys import create_key
 
     own, foreign = await seed(api)
     key, record = await create_key(api.store, api.account, "crm front end")
@@ -128,7 +128,7 @@ async def test_api_key_reads_and_edits_only_its_account(api: Api) -> None:
 
 
 async def test_keys_are_stored_hashed(api: Api) -> None:
-    from service.api_keys import create_key
+    from service.usecases.api_keys import create_key
 
     key, _ = await create_key(api.store, api.account, None)
     conn = await asyncpg.connect(api.results_dsn)
@@ -303,7 +303,7 @@ async def test_supabase_token_signed_with_jwks_key(
 
 # -- the keys table on Supabase: service_role only, row level security on ----------------
 async def test_keys_table_is_closed_to_public_roles() -> None:
-    from service.migrations import apply_migrations
+    from service.adapters.stores.migrations import apply_migrations
 
     admin = await asyncpg.connect(pg_dsn("postgres"))
     try:

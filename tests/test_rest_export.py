@@ -7,7 +7,7 @@ import io
 import re
 from typing import Any
 
-from service.csv_export import COLUMNS
+from service.usecases.csv_export import COLUMNS
 from tests.rest_support import (
     AUTH,
     INSTANCE,

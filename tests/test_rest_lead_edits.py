@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
+from handlers.rest_models import LEAD_OUT_FIELDS, LeadCreateBody, LeadPatchBody, lead_out
+from service.adapters.stores.base import LeadRow
 from service.domain.scoring import ScoreInputs, score
-from service.lead_edits import new_manual_lead, normalized_phone, patch_update
-from service.rest_models import LEAD_OUT_FIELDS, LeadCreateBody, LeadPatchBody, lead_out
-from service.stores.base import LeadRow
+from service.usecases.lead_edits import new_manual_lead, normalized_phone, patch_update
 
 NOW = datetime(2026, 9, 1, 12, 0, tzinfo=UTC)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import uuid
 
-from service.context import AppContext
-from service.stores.supabase import SupabaseStore
+from service.adapters.stores.supabase import SupabaseStore
+from service.bootstrap.context import AppContext
 from tests.fakes.postgrest_server import running_postgrest
 from tests.rest_support import (
     INSTANCE,

@@ -18,9 +18,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.analyzers import rules_lexicon as lx
-from service.analyzers.base import AnalysisResult
-from service.analyzers.rules import RulesAnalyzer, normalise
+from service.adapters.analyzers import rules_lexicon as lx
+from service.adapters.analyzers.base import AnalysisResult
+from service.adapters.analyzers.rules import RulesAnalyzer, normalise
 from service.domain.facts import LeadFacts
 from service.domain.scoring import budget_stated, score
 from tests.dialog_samples import DEV_DIALOGS, HOLDOUT_DIALOGS, dialog_of, load_items, to_dialog

@@ -21,14 +21,14 @@ import msgspec
 import pytest
 
 from consumers.contacts import ContactConsumer
-from service.app import app_context
-from service.broker.assignment import assign
-from service.broker.connection import connect_cluster, connection_name
-from service.broker.envelope import H_ATTEMPT, H_IDEMPOTENCY_KEYS, encode_batch, shard_for
-from service.broker.migrate import migrate_topology
-from service.broker.publisher import BrokerUnavailableError, EventPublisher
-from service.broker.topology import H_LEGACY_RETRY_TIER, Topology
-from service.broker.urls import node_urls
+from service.adapters.broker.assignment import assign
+from service.adapters.broker.connection import connect_cluster, connection_name
+from service.adapters.broker.envelope import H_ATTEMPT, H_IDEMPOTENCY_KEYS, encode_batch, shard_for
+from service.adapters.broker.migrate import migrate_topology
+from service.adapters.broker.publisher import BrokerUnavailableError, EventPublisher
+from service.adapters.broker.topology import H_LEGACY_RETRY_TIER, Topology
+from service.adapters.broker.urls import node_urls
+from service.bootstrap.builders import app_context
 from service.config import ConfigError, Settings, load_settings
 from tests.harness import delete_topology, message_body, queue_depth, running_service
 from tests.test_consumer import HOT_DIALOG, CountingAnalyzer, FailingAnalyzer
@@ -203,7 +203,7 @@ async def test_unroutable_retry_keeps_the_original_delivery(settings: Settings) 
         await svc.wait_for(retried_twice, timeout=30, what="a second attempt")
     # Nothing acked away: the event still waits in its shard queue, nothing dead-lettered.
     assert await queue_depth(settings) == 3  # one message per webhook
-    from consumers.dlq import dead_letter_depth
+    from service.cli.dlq import dead_letter_depth
 
     assert await dead_letter_depth(settings) == 0
 

@@ -25,8 +25,7 @@ import httpx
 import msgspec
 import pytest
 
-from service.config import Settings
-from service.stores.base import (
+from service.adapters.stores.base import (
     AnalysisWrite,
     DuplicateLeadError,
     InstanceOwnedError,
@@ -35,9 +34,10 @@ from service.stores.base import (
     ResultsStore,
     StoreUnavailableError,
 )
-from service.stores.factory import open_store
-from service.stores.postgres import PostgresStore
-from service.stores.supabase import SupabaseStore
+from service.adapters.stores.factory import open_store
+from service.adapters.stores.postgres import PostgresStore
+from service.adapters.stores.supabase import SupabaseStore
+from service.config import Settings
 from tests.conftest import create_database, drop_database, pg_dsn
 from tests.fakes.postgrest_server import (
     SERVICE_KEY,

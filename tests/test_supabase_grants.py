@@ -22,8 +22,8 @@ import asyncpg
 import httpx
 import pytest
 
-from service.migrations import apply_migrations
-from service.stores.supabase import SupabaseStore
+from service.adapters.stores.migrations import apply_migrations
+from service.adapters.stores.supabase import SupabaseStore
 from tests.fakes.postgrest_server import (
     ANON_KEY,
     AUTHENTICATED_KEY,

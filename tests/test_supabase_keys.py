@@ -16,11 +16,11 @@ from pathlib import Path
 import jwt
 import pytest
 
+from service.adapters.stores.base import StoreAccessError
+from service.adapters.stores.factory import open_store
+from service.adapters.stores.supabase import SupabaseStore, key_role
+from service.bootstrap.context import AppContext
 from service.config import Settings
-from service.context import AppContext
-from service.stores.base import StoreAccessError
-from service.stores.factory import open_store
-from service.stores.supabase import SupabaseStore, key_role
 from tests.fakes.postgrest_server import (
     ANON_KEY,
     AUTHENTICATED_KEY,

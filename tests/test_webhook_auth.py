@@ -10,7 +10,7 @@ import jwt
 import pytest
 
 from service.config import ConfigError, Settings
-from service.webhook_auth import (
+from service.usecases.webhook_auth import (
     JWT_RETRY_GRACE_SECONDS,
     WebhookAuth,
     WebhookCredentials,

@@ -48,8 +48,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from service.analyzers.prompt import CONTINUATION, DIALOG_CLOSE, DIALOG_OPEN, MANAGER_LABEL
-from service.analyzers.rules import RulesAnalyzer
+from service.adapters.analyzers.prompt import CONTINUATION, DIALOG_CLOSE, DIALOG_OPEN, MANAGER_LABEL
+from service.adapters.analyzers.rules import RulesAnalyzer
 from service.domain.dialog import Contact, Dialog, DialogMessage
 from service.domain.facts import LeadFacts
 

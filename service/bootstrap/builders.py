@@ -1,0 +1,69 @@
+"""Builds the app context once at start: the adapters a command needs, nothing more."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from service.adapters.analyzers.base import Analyzer
+from service.bootstrap.context import AppContext
+from service.config import Settings
+from service.metrics import Metrics
+from service.usecases.pipeline import Pipeline
+
+
+def make_analyzer(settings: Settings) -> Analyzer:
+    from service.adapters.analyzers.rules import RulesAnalyzer
+
+    rules = RulesAnalyzer(timeout=settings.analysis_timeout)
+    if settings.analyzer_kind() == "rules":
+        return rules
+    from service.adapters.analyzers.openai_analyzer import OpenAIAnalyzer
+
+    return OpenAIAnalyzer(settings, fallback=rules)
+
+
+@contextlib.asynccontextmanager
+async def app_context(
+    settings: Settings,
+    *,
+    store: bool = True,
+    reader: bool = True,
+    analyzer: bool = True,
+    publisher: bool = False,
+    metrics: Metrics | None = None,
+    lifecycle: bool = False,
+) -> AsyncIterator[AppContext]:
+    """Open the requested adapters; close them all on exit, newest first."""
+    ctx = AppContext(settings=settings, metrics=metrics or Metrics())
+    async with contextlib.AsyncExitStack() as stack:
+        if store:
+            from service.adapters.stores.factory import open_store
+
+            ctx.store = await open_store(settings)
+            stack.push_async_callback(ctx.store.close)
+        if reader:
+            from service.adapters.evolution.reader import EvolutionReader
+
+            url = settings.evolution_url()
+            ctx.reader = await EvolutionReader.connect(
+                url.dsn, url.schema or "auto", pooler=url.pooler
+            )
+            stack.push_async_callback(ctx.reader.close)
+        if analyzer:
+            ctx.analyzer = make_analyzer(settings)
+            stack.push_async_callback(ctx.analyzer.close)
+            if lifecycle and settings.analyzer_kind() == "openai":
+                from service.adapters.analyzers.model_lifecycle import ModelLifecycle
+
+                ctx.model_lifecycle = ModelLifecycle(settings, ctx.metrics)
+                stack.push_async_callback(ctx.model_lifecycle.close)
+                ctx.model_lifecycle.start()
+        if publisher:
+            from service.adapters.broker.publisher import EventPublisher
+
+            ctx.publisher = EventPublisher(settings)
+            stack.push_async_callback(ctx.publisher.close)
+        if ctx.store is not None and ctx.reader is not None and ctx.analyzer is not None:
+            ctx.pipeline = Pipeline(settings, ctx.reader, ctx.store, ctx.analyzer, ctx.metrics)
+        yield ctx

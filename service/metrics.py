@@ -76,7 +76,17 @@ class Metrics:
         self.dlq_depth = Gauge(
             "crm_dlq_depth", "Messages waiting in the dead-letter queue", registry=r
         )
-        self.hot_leads = Counter("crm_lead_hot_events", "lead.hot events published", registry=r)
+        self.lead_events = Counter(
+            "crm_lead_events_published",
+            "Lead events (lead.hot, lead.stage_changed) published from the outbox, by type",
+            ["type"],
+            registry=r,
+        )
+        self.outbox_depth = Gauge(
+            "crm_outbox_depth",
+            "Lead events stored but not published yet (read by consume processes)",
+            registry=r,
+        )
         self.llm_model_shutdown_days = Gauge(
             "crm_llm_model_shutdown_days",
             "Days until the configured model's announced shutdown (GET /v1/models/{id}); "

@@ -93,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--since", type=_iso_date)
     backfill.add_argument("--dry-run", action="store_true")
     backfill.add_argument("--force", action="store_true", help="re-analyse unchanged dialogs")
+    backfill.add_argument(
+        "--no-notify",
+        dest="notify",
+        action="store_false",
+        help="record the leads' history but raise no lead.hot / lead.stage_changed events "
+        "(default: notify; the events are published by the consume processes)",
+    )
 
     migrate = sub.add_parser("migrate", help="create or upgrade the results tables")
     migrate.add_argument("--print", action="store_true", help="print the SQL instead")
@@ -371,6 +378,7 @@ async def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
             concurrency=args.concurrency or settings.analysis_concurrency,
             since=args.since,
             force=args.force,
+            notify=args.notify,
         )
         if args.dry_run:
             from service.adapters.analyzers.prompt import estimate_tokens
@@ -474,8 +482,12 @@ async def _serve_until_stopped(settings: Settings, *, consume: bool, serve: bool
                 logger.info("listening on http://{}:{}", settings.host, settings.port)
             if consume:
                 from consumers.contacts import ContactConsumer
+                from consumers.outbox import OutboxDrainer
 
                 workers.append(ContactConsumer(ctx))
+                # Lead events stored by every process (serve and backfill too) are
+                # published from here.
+                workers.append(OutboxDrainer(ctx))
             if bridge_on:
                 from consumers.evolution_bridge import EvolutionBridge
 

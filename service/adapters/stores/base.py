@@ -150,7 +150,7 @@ class AnalysisWrite(msgspec.Struct, kw_only=True):
     analyzer: str | None
     llm_usage: dict[str, Any] | None
     # Recorded with each change of stage, score or interest (the lead's history).
-    cause: Cause
+    cause: Cause = msgspec.field(default_factory=lambda: Cause(kind="analysis"))
     # False: history only, no events (`backfill --no-notify`).
     notify: bool = True
 

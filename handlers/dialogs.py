@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 from loguru import logger
 
-from handlers.http_app import CTX, context
+from handlers.app_context import CTX, context
 from handlers.http_errors import ApiError, decode_body, json_response, parse_query, path_uuid
 from handlers.principal import principal_ref
 from handlers.rest_models import (
@@ -40,8 +40,9 @@ from handlers.rest_models import (
     StatsResponse,
     lead_out,
 )
-from service.adapters.stores.base import DuplicateLeadError, LeadRow, ResultsStore
+from service.adapters.stores.base import DuplicateLeadError, ResultsStore
 from service.domain.history import FUNNEL_ORDER, manual_cause
+from service.domain.lead import LeadRow
 from service.usecases.backfill import BackfillOptions, run_backfill
 from service.usecases.csv_export import csv_chunks
 from service.usecases.lead_edits import (
@@ -163,7 +164,7 @@ async def create_lead(request: web.Request) -> web.Response:
         raise ApiError(400, f"field phone must be {expected}", {"field": "phone"})
     store = _store(request)
     await _require_instance(store, body.instance_name, body.user_account_id)
-    row = new_manual_lead(body, phone, datetime.now(UTC))
+    row = new_manual_lead(body.new_lead(phone), datetime.now(UTC))
     try:
         created = await store.create_lead(row, manual_cause(principal_ref(request)))
     except DuplicateLeadError:

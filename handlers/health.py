@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from aiohttp import web
 from loguru import logger
 
-from handlers.http_app import context
+from handlers.app_context import context
 from handlers.http_errors import json_response
 from handlers.rest_models import Endpoint, HealthResponse
+from service.adapters.broker.connection import connect_once
+from service.adapters.broker.topology import Topology
 from service.config import Settings
 from service.metrics import CONTENT_TYPE_LATEST
 
@@ -57,9 +59,6 @@ async def _refresh_dlq_depth(request: web.Request) -> None:
 
 async def dead_queue_depth(settings: Settings) -> int:
     """Messages in the dead-letter queue (passive declare: nothing is created)."""
-    from service.adapters.broker.connection import connect_once
-    from service.adapters.broker.topology import Topology
-
     connection = await connect_once(settings, "ready", timeout=DLQ_TIMEOUT)
     try:
         channel = await connection.channel()

@@ -4,23 +4,16 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from handlers import dialogs, health, openapi, ready, webhooks
+from handlers.app_context import CTX
+from handlers.http_errors import error_middleware
+from handlers.request_id import request_context
+from handlers.rest_auth import make_auth_middleware
+from handlers.server import handler_args
 from service.bootstrap.context import AppContext
-
-CTX: web.AppKey[AppContext] = web.AppKey("ctx", AppContext)
-
-
-def context(request: web.Request) -> AppContext:
-    return request.app[CTX]
 
 
 def make_app(ctx: AppContext) -> web.Application:
-    # Imported here so that importing `context` from a handler module stays cycle-free.
-    from handlers import dialogs, health, openapi, ready, webhooks
-    from handlers.http_errors import error_middleware
-    from handlers.request_id import request_context
-    from handlers.rest_auth import make_auth_middleware
-    from handlers.server import handler_args
-
     app = web.Application(
         client_max_size=ctx.settings.webhook_max_body_bytes,
         handler_args=handler_args(ctx.settings),

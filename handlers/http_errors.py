@@ -19,6 +19,7 @@ import msgspec
 from aiohttp import web
 from loguru import logger
 
+from handlers.app_context import context
 from handlers.body import BodyError, read_limited
 from handlers.principal import bound_account
 from service.adapters.stores.base import StoreUnavailableError
@@ -187,8 +188,6 @@ async def decode_body(request: web.Request, kind: type[T]) -> T:
 
 
 async def read_body(request: web.Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    from handlers.http_app import context
-
     try:
         return await read_limited(request, limit, context(request).settings.http_body_timeout)
     except BodyError as exc:

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from loguru import logger
 
-from handlers.http_app import context
+from handlers.app_context import context
 from handlers.http_errors import json_response
 from handlers.rest_models import Endpoint, ReadyResponse
 from service.adapters.stores.base import StoreAccessError

@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from loguru import logger
 
-from handlers.http_app import context
+from handlers.app_context import context
 from handlers.http_errors import Handler, error_response
 from handlers.principal import Principal, set_principal
 from handlers.webhooks import ROUTES as WEBHOOK_ROUTES

@@ -19,6 +19,7 @@ from msgspec import UNSET, Meta, UnsetType
 from service.adapters.stores.base import LeadQuery, LeadStats
 from service.domain.facts import Action, FunnelStage, InterestLevel, MainIntent, Niche
 from service.domain.history import FunnelRow, HistoryEntry
+from service.domain.lead import NewLead
 
 # PostgreSQL text cannot hold NUL; refusing it here keeps such input a 400, not a 500.
 _NO_NUL = r"^[^\x00]*$"
@@ -138,6 +139,17 @@ class LeadCreateBody(msgspec.Struct, kw_only=True, rename="camel", forbid_unknow
     objection: MediumText | None = None
     next_message: MediumText | None = None
     action: Action | None = None
+
+    def new_lead(self, phone: str) -> NewLead:
+        """The lead to create, for the normalised `phone`."""
+        identity = ("phone", "user_account_id", "instance_name")
+        given = {name: getattr(self, name) for name in self.__struct_fields__}
+        return NewLead(
+            instance_name=self.instance_name,
+            user_account_id=self.user_account_id,
+            contact_phone=phone,
+            given={name: value for name, value in given.items() if name not in identity},
+        )
 
 
 class LeadPatchBody(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fields=True):

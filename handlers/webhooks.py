@@ -14,8 +14,8 @@ import msgspec
 from aiohttp import web
 from loguru import logger
 
+from handlers.app_context import CTX, context
 from handlers.body import BodyError, read_limited
-from handlers.http_app import context
 from service.adapters.broker.publisher import BrokerUnavailableError
 from service.usecases.instance_auth import InstanceApikeys
 from service.usecases.intake import (
@@ -139,8 +139,6 @@ async def evolution_webhook(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
-    from handlers.http_app import CTX
-
     app[AUTH] = WebhookAuth.from_settings(app[CTX].settings)
     reader = app[CTX].reader
     if app[CTX].settings.webhook_verify_instance_apikey and reader is not None:

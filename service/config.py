@@ -16,6 +16,8 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import msgspec
 
+from service.amqp_urls import node_urls
+
 
 class ConfigError(Exception):
     """A configuration value is missing or malformed; the message names the variable."""
@@ -295,8 +297,6 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         return delays
 
     def amqp_node_urls(self) -> list[str]:
-        from service.adapters.broker.urls import node_urls
-
         return node_urls(self.amqp_url)
 
     def consumer_shard_list(self) -> list[int]:

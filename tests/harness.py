@@ -22,10 +22,10 @@ import msgspec
 from aiohttp.test_utils import TestClient, TestServer
 
 from service.adapters.broker.connection import connect_once
-from service.adapters.stores.base import LeadRow
 from service.bootstrap.builders import app_context
 from service.bootstrap.context import AppContext
 from service.config import Settings, load_settings
+from service.domain.lead import LeadRow
 
 WEBHOOK_TOKEN = "test-webhook-token-0123456789abcdef0123"
 API_TOKEN = "test-api-token-0123456789abcdef012345678"

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from service.adapters.stores.base import LeadRow
+from service.domain.lead import LeadRow
 from service.usecases.csv_export import (
     BOM,
     COLUMNS,

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from handlers.rest_models import LEAD_OUT_FIELDS, LeadCreateBody, LeadPatchBody, lead_out
-from service.adapters.stores.base import LeadRow
+from service.domain.lead import LeadRow
 from service.domain.scoring import ScoreInputs, score
 from service.usecases.lead_edits import new_manual_lead, normalized_phone, patch_update
 
@@ -46,7 +46,7 @@ def test_new_lead_is_scored_like_an_analysis_and_marks_given_fields_manual() -> 
     body = create_body(
         contactName="Айгерим", niche="medicine", isOwner=True, adBudget="500 тыс", notes="VIP"
     )
-    lead = new_manual_lead(body, "77012345601", NOW)
+    lead = new_manual_lead(body.new_lead("77012345601"), NOW)
     expected = score(
         ScoreInputs(funnel_stage="qualified", niche="medicine", is_owner=True, budget_stated=True)
     )
@@ -71,7 +71,7 @@ def test_new_lead_is_scored_like_an_analysis_and_marks_given_fields_manual() -> 
 
 
 def test_is_medical_alone_means_the_medicine_niche() -> None:
-    lead = new_manual_lead(create_body(isMedical=True), "77012345601", NOW)
+    lead = new_manual_lead(create_body(isMedical=True).new_lead("77012345601"), NOW)
     assert lead.niche == "medicine"
     assert lead.score == 45  # qualified 30 + medicine 15
     assert "is_medical" in lead.manual_fields

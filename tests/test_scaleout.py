@@ -27,7 +27,7 @@ from service.adapters.broker.envelope import H_ATTEMPT, H_IDEMPOTENCY_KEYS, enco
 from service.adapters.broker.migrate import migrate_topology
 from service.adapters.broker.publisher import BrokerUnavailableError, EventPublisher
 from service.adapters.broker.topology import H_LEGACY_RETRY_TIER, Topology
-from service.adapters.broker.urls import node_urls
+from service.amqp_urls import node_urls
 from service.bootstrap.builders import app_context
 from service.config import ConfigError, Settings, load_settings
 from tests.harness import delete_topology, message_body, queue_depth, running_service

@@ -24,8 +24,9 @@ import aiohttp
 import asyncpg
 import msgspec
 
-from service.adapters.stores.base import LeadQuery, LeadRow
+from service.adapters.stores.base import LeadQuery
 from service.config import Settings
+from service.domain.lead import LeadRow
 
 DEMO_INSTANCE = "demo"
 DEMO_ACCOUNT = uuid.uuid5(uuid.NAMESPACE_URL, "crm-backend/demo-account")

@@ -383,15 +383,11 @@ async def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
         if args.dry_run:
             from service.adapters.analyzers.prompt import estimate_tokens
 
-            async def unchanged(summary: Any) -> bool:
-                state = await store.get_state(account, args.instance, summary.contact.phone)
-                return state is not None and state.last_message_id == summary.last_message_id
-
             estimate = await dry_run(
                 reader,
                 options,
                 lambda dialog: estimate_tokens(dialog, settings),
-                unchanged,
+                store,
                 settings.max_dialog_messages,
                 settings.openai_model if settings.analyzer_kind() == "openai" else None,
                 lambda line: print(line, file=sys.stderr),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Protocol
 
@@ -19,9 +19,10 @@ from loguru import logger
 
 from service.adapters.analyzers.base import TokenUsage
 from service.adapters.analyzers.prices import EST_COMPLETION_TOKENS, PRICES_AS_OF, cost_usd
+from service.adapters.stores.base import StoredState
 from service.domain.dialog import ContactSummary, Dialog
 from service.logs import contact_hash
-from service.usecases.pipeline import ContactOutcome, Pipeline
+from service.usecases.pipeline import ContactOutcome, Pipeline, summary_is_current
 
 
 class BackfillStats(msgspec.Struct, kw_only=True):
@@ -64,6 +65,12 @@ class ContactLister(Protocol):
     async def dialog(self, instance: str, phone: str, *, limit: int) -> Dialog | None: ...
 
     async def unpaired_lid_chats(self, instance: str) -> int: ...
+
+
+class StateReader(Protocol):
+    async def get_state(
+        self, account: uuid.UUID, instance: str, phone: str
+    ) -> StoredState | None: ...
 
 
 class BackfillOptions(msgspec.Struct, kw_only=True):
@@ -202,7 +209,7 @@ async def dry_run(
     reader: ContactLister,
     options: BackfillOptions,
     estimate_tokens: Callable[[Dialog], int],
-    is_unchanged: Callable[[ContactSummary], Awaitable[bool]] | None,
+    states: StateReader | None,
     max_dialog_messages: int,
     model: str | None,
     emit: Callable[[str], None],
@@ -218,7 +225,15 @@ async def dry_run(
             continue
         if not budget.take():
             continue
-        if not options.force and is_unchanged is not None and await is_unchanged(summary):
+        if (
+            not options.force
+            and states is not None
+            and summary_is_current(
+                await states.get_state(options.account, options.instance, summary.contact.phone),
+                summary,
+                options.min_incoming,
+            )
+        ):
             est.unchanged += 1
             continue
         dialog = await reader.dialog(

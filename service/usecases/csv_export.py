@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from service.adapters.stores.base import LeadRow
+from service.domain.lead import LeadRow
 
 BOM = "\ufeff"
 ORIGINAL_COLUMNS: tuple[str, ...] = (

@@ -19,9 +19,9 @@ import msgspec
 
 from service.adapters.analyzers.base import Analyzer, TokenUsage
 from service.adapters.analyzers.prices import EST_COMPLETION_TOKENS, PRICES_AS_OF, price_of
-from service.adapters.stores.base import LeadRow
 from service.domain.dialog import Contact, Dialog, DialogMessage, dialog_of
 from service.domain.facts import FUNNEL_STAGES
+from service.domain.lead import LeadRow
 from service.domain.scoring import budget_stated, score
 
 # Fields compared, in print order; `interest` is derived from the facts by the score.

@@ -12,11 +12,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-import msgspec
-
-from handlers.rest_models import LeadCreateBody
 from service.adapters.evolution.identity import PHONE_SUFFIX, normalize_phone
-from service.adapters.stores.base import MANUAL_COLUMNS, LeadRow
 from service.domain.facts import (
     ACTIONS,
     FUNNEL_STAGES,
@@ -25,7 +21,8 @@ from service.domain.facts import (
     LeadFacts,
     Niche,
 )
-from service.domain.scoring import derive, interest_for, score
+from service.domain.lead import MANUAL_COLUMNS, LeadRow, NewLead, fact_columns
+from service.domain.scoring import interest_for, score
 
 # E.164 allows at most 15 digits; fewer than 7 is no phone number at all.
 PHONE_MIN_DIGITS = 7
@@ -47,7 +44,6 @@ DEPENDS_ON: dict[str, frozenset[str]] = {
     "sent_instagram": frozenset({"instagram_url"}),
 }
 _FACT_FIELDS = LeadFacts.__struct_fields__
-_CREATE_IDENTITY = frozenset({"phone", "user_account_id", "instance_name"})
 
 
 def normalized_phone(raw: str) -> str | None:
@@ -58,59 +54,38 @@ def normalized_phone(raw: str) -> str | None:
     return digits
 
 
-def new_manual_lead(body: LeadCreateBody, phone: str, now: datetime) -> LeadRow:
+def new_manual_lead(lead: NewLead, now: datetime) -> LeadRow:
     """The row of a lead created by hand (`source = "manual"`)."""
-    given = {
-        name: value
-        for name in body.__struct_fields__
-        if name not in _CREATE_IDENTITY and (value := getattr(body, name)) is not None
-    }
-    niche: Niche = body.niche or ("medicine" if body.is_medical else "other")
+    given = {name: value for name, value in lead.given.items() if value is not None}
+    is_medical = given.get("is_medical")
+    niche: Niche = given.get("niche") or ("medicine" if is_medical else "other")
     facts = LeadFacts(
         niche=niche,
-        business_type=body.business_type,
-        is_owner=body.is_owner,
-        has_sales_dept=body.has_sales_dept,
-        uses_ads_now=body.uses_ads_now,
-        ad_budget=body.ad_budget,
-        instagram_url=body.instagram_url,
-        funnel_stage=body.funnel_stage,
-        main_intent=body.main_intent or "other",
-        objection=body.objection,
-        action=body.action or "none",
-        next_message=body.next_message or "",
+        business_type=given.get("business_type"),
+        is_owner=given.get("is_owner"),
+        has_sales_dept=given.get("has_sales_dept"),
+        uses_ads_now=given.get("uses_ads_now"),
+        ad_budget=given.get("ad_budget"),
+        instagram_url=given.get("instagram_url"),
+        funnel_stage=given["funnel_stage"],
+        main_intent=given.get("main_intent") or "other",
+        objection=given.get("objection"),
+        action=given.get("action") or "none",
+        next_message=given.get("next_message") or "",
         reasoning="",
     )
-    derived = derive(facts)
-    lead_score = score(facts)
+    columns = fact_columns(facts, score(facts))
+    if is_medical is not None:
+        columns["is_medical"] = is_medical
     return LeadRow(
         id=uuid.uuid4(),
-        instance_name=body.instance_name,
-        user_account_id=body.user_account_id,
-        contact_phone=phone,
-        remote_jid=phone + PHONE_SUFFIX,
-        contact_name=body.contact_name,
-        business_type=body.business_type,
-        niche=niche,
-        is_medical=derived.is_medical if body.is_medical is None else body.is_medical,
-        is_owner=body.is_owner,
-        has_sales_dept=body.has_sales_dept,
-        uses_ads_now=body.uses_ads_now,
-        ad_budget=body.ad_budget,
-        budget_stated=derived.budget_stated,
-        instagram_url=body.instagram_url,
-        sent_instagram=derived.sent_instagram,
-        funnel_stage=body.funnel_stage,
-        has_booking=derived.has_booking,
-        qualification_complete=derived.qualification_complete,
-        main_intent=facts.main_intent,
-        objection=body.objection,
-        action=facts.action,
-        next_message=facts.next_message,
-        notes=body.notes,
-        score=lead_score.total,
-        interest_level=lead_score.interest_level,
-        score_breakdown=[msgspec.to_builtins(line) for line in lead_score.breakdown],
+        instance_name=lead.instance_name,
+        user_account_id=lead.user_account_id,
+        contact_phone=lead.contact_phone,
+        remote_jid=lead.contact_phone + PHONE_SUFFIX,
+        contact_name=given.get("contact_name"),
+        notes=given.get("notes"),
+        **columns,
         source="manual",
         manual_fields=[c for c in MANUAL_COLUMNS if c in given],
         created_at=now,
@@ -124,7 +99,6 @@ def patch_update(row: LeadRow, changes: dict[str, Any]) -> dict[str, Any]:
     manual = set(row.manual_fields) | touched
     merged = {name: changes.get(name, getattr(row, name)) for name in _FACT_FIELDS}
     facts = _facts(merged)
-    flags = derive(facts)
     computed = score(facts)
 
     if "score" in changes:
@@ -133,16 +107,10 @@ def patch_update(row: LeadRow, changes: dict[str, Any]) -> dict[str, Any]:
         total = row.score
     else:
         total = computed.total
-    candidates: dict[str, Any] = {
-        "score": total,
-        "score_breakdown": [msgspec.to_builtins(line) for line in computed.breakdown],
-        "interest_level": interest_for(total),
-        "budget_stated": flags.budget_stated,
-        "qualification_complete": flags.qualification_complete,
-        "is_medical": flags.is_medical,
-        "has_booking": flags.has_booking,
-        "sent_instagram": flags.sent_instagram,
-    }
+    columns = fact_columns(facts, computed)
+    candidates = {column: columns[column] for column in DEPENDS_ON}
+    candidates["score"] = total
+    candidates["interest_level"] = interest_for(total)
     return {
         column: value
         for column, value in candidates.items()

@@ -26,7 +26,7 @@ from service.adapters.analyzers.base import (
     AnalyzerUnavailableError,
     TokenUsage,
 )
-from service.adapters.stores.base import AnalysisWrite, LeadRow, ResultsStore, StoredState
+from service.adapters.stores.base import AnalysisWrite, ResultsStore, StoredState
 from service.config import Settings
 from service.domain.dialog import (
     Contact,
@@ -38,7 +38,8 @@ from service.domain.dialog import (
 )
 from service.domain.facts import LeadFacts, empty_facts
 from service.domain.history import Cause, CauseKind
-from service.domain.scoring import Score, derive, interest_for, score
+from service.domain.lead import LeadRow, fact_columns
+from service.domain.scoring import Score, interest_for, score
 from service.domain.text_bounds import bounded_dialog
 from service.logs import contact_hash
 from service.metrics import Metrics
@@ -128,12 +129,7 @@ class Pipeline:
             )
         else:
             state = await self._store.get_state(account, instance, phone)
-            if (
-                not force
-                and not extra_messages
-                and state is not None
-                and _is_current(state, summary.last_message_id, summary.incoming_count >= threshold)
-            ):
+            if not force and not extra_messages and summary_is_current(state, summary, threshold):
                 return self._done("unchanged", instance, phone, state=state)
             known_deleted = await self._store.deleted_ids(account, instance, jid)
         dialog = await self._reader.dialog(instance, phone, limit=limit, excluded=known_deleted)
@@ -168,7 +164,7 @@ class Pipeline:
             return self._done("no_messages", instance, phone)
 
         enough = dialog.incoming_count >= threshold
-        if not force and state is not None and _is_current(state, dialog.last_message_id, enough):
+        if not force and state is not None and is_current(state, dialog.last_message_id, enough):
             return self._done("unchanged", instance, phone, state=state)
 
         if force and state is not None:
@@ -309,13 +305,23 @@ def _interest(total: int | None) -> str | None:
     return None if total is None else interest_for(total)
 
 
-def _is_current(state: StoredState, last_message_id: str | None, needs_analysis: bool) -> bool:
+def is_current(state: StoredState, last_message_id: str | None, needs_analysis: bool) -> bool:
     """The stored row already reflects this dialog (same newest message)."""
     if last_message_id is None or state.last_message_id != last_message_id:
         return False
     # A row stored as new_lead must still be analysed once the contact crosses the
     # threshold (the threshold may have been lowered since).
     return not (needs_analysis and state.analyzer is None)
+
+
+def summary_is_current(
+    state: StoredState | None, summary: ContactSummary, min_incoming: int
+) -> bool:
+    """The one answer to "can this contact be skipped?" from the reader's aggregate alone:
+    a real run (`analyze_contact(summary=...)`) and `backfill --dry-run` both ask it."""
+    return state is not None and is_current(
+        state, summary.last_message_id, summary.incoming_count >= min_incoming
+    )
 
 
 def lag_only(dialog: Dialog | None, extra: Sequence[DialogMessage]) -> list[DialogMessage]:
@@ -445,40 +451,13 @@ def _base_write(dialog: Dialog, account: uuid.UUID) -> dict[str, Any]:
     }
 
 
-def _fact_columns(facts: LeadFacts, lead_score: Score) -> dict[str, Any]:
-    derived = derive(facts)
-    return {
-        "niche": facts.niche,
-        "business_type": facts.business_type,
-        "is_owner": facts.is_owner,
-        "has_sales_dept": facts.has_sales_dept,
-        "uses_ads_now": facts.uses_ads_now,
-        "ad_budget": facts.ad_budget,
-        "instagram_url": facts.instagram_url,
-        "funnel_stage": facts.funnel_stage,
-        "main_intent": facts.main_intent,
-        "objection": facts.objection,
-        "action": facts.action,
-        "next_message": facts.next_message,
-        "reasoning": facts.reasoning or None,
-        "is_medical": derived.is_medical,
-        "budget_stated": derived.budget_stated,
-        "has_booking": derived.has_booking,
-        "sent_instagram": derived.sent_instagram,
-        "qualification_complete": derived.qualification_complete,
-        "score": lead_score.total,
-        "interest_level": lead_score.interest_level,
-        "score_breakdown": [msgspec.to_builtins(line) for line in lead_score.breakdown],
-    }
-
-
 def _new_lead_write(
     dialog: Dialog, account: uuid.UUID, cause: Cause, notify: bool
 ) -> AnalysisWrite:
     facts = empty_facts("new_lead")
     return AnalysisWrite(
         **_base_write(dialog, account),
-        **_fact_columns(facts, score(facts)),
+        **fact_columns(facts, score(facts)),
         analyzed=False,
         messages=_dialog_json(dialog),
         analyzer=None,
@@ -504,7 +483,7 @@ def _analysis_write(
             usage["model"] = analysis.model
     return AnalysisWrite(
         **_base_write(dialog, account),
-        **_fact_columns(facts, lead_score),
+        **fact_columns(facts, lead_score),
         analyzed=True,
         messages=_dialog_json(dialog),
         analyzer=analysis.analyzer,

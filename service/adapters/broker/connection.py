@@ -23,7 +23,7 @@ from aio_pika.robust_connection import RobustConnection
 from loguru import logger
 from yarl import URL
 
-from service.adapters.broker.urls import redact
+from service.amqp_urls import redact
 from service.config import Settings
 
 

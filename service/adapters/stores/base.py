@@ -20,90 +20,7 @@ import msgspec
 
 from service.domain.facts import FunnelStage, InterestLevel
 from service.domain.history import Cause, FunnelRow, HistoryPage
-
-# Columns a person may set by hand (PATCH / POST /dialogs/leads). Listed in
-# `manual_fields` once set, and then never overwritten by automatic analysis.
-MANUAL_COLUMNS: tuple[str, ...] = (
-    "contact_name",
-    "business_type",
-    "niche",
-    "is_medical",
-    "is_owner",
-    "has_sales_dept",
-    "uses_ads_now",
-    "ad_budget",
-    "sent_instagram",
-    "instagram_url",
-    "has_booking",
-    "funnel_stage",
-    "interest_level",
-    "main_intent",
-    "objection",
-    "next_message",
-    "action",
-    "notes",
-    "score",
-)
-
-# Columns recomputed from the facts after a change by hand (`update_lead(derived=...)`).
-DERIVED_COLUMNS: tuple[str, ...] = (
-    "score",
-    "interest_level",
-    "score_breakdown",
-    "is_medical",
-    "budget_stated",
-    "has_booking",
-    "sent_instagram",
-    "qualification_complete",
-)
-
-
-class LeadRow(msgspec.Struct, kw_only=True, omit_defaults=False):
-    """One `dialog_analysis` row, column for column (the original's columns first)."""
-
-    id: uuid.UUID
-    instance_name: str
-    user_account_id: uuid.UUID
-    contact_phone: str
-    contact_name: str | None = None
-    incoming_count: int = 0
-    outgoing_count: int = 0
-    first_message: datetime | None = None
-    last_message: datetime | None = None
-    business_type: str | None = None
-    is_medical: bool | None = None
-    is_owner: bool | None = None
-    uses_ads_now: bool | None = None
-    has_sales_dept: bool | None = None
-    ad_budget: str | None = None
-    has_booking: bool | None = None
-    sent_instagram: bool | None = None
-    instagram_url: str | None = None
-    funnel_stage: str | None = None
-    qualification_complete: bool | None = None
-    interest_level: str | None = None
-    main_intent: str | None = None
-    objection: str | None = None
-    next_message: str | None = None
-    action: str | None = None
-    score: int | None = None
-    reasoning: str | None = None
-    notes: str | None = None
-    messages: list[dict[str, Any]] | None = None
-    analyzed_at: datetime | None = None
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
-    # Added by this service.
-    niche: str | None = None
-    budget_stated: bool | None = None
-    score_breakdown: list[dict[str, Any]] | None = None
-    remote_jid: str | None = None
-    last_message_id: str | None = None
-    analyzer: str | None = None
-    llm_usage: dict[str, Any] | None = None
-    source: str = "auto"
-    manual_fields: list[str] = msgspec.field(default_factory=list)
-    stage_changed_at: datetime | None = None  # when funnel_stage last changed
+from service.domain.lead import DERIVED_COLUMNS, LEAD_COLUMNS, MANUAL_COLUMNS, LeadRow
 
 
 class AnalysisWrite(msgspec.Struct, kw_only=True):
@@ -374,7 +291,6 @@ class ResultsStore(Protocol):
 
 # -- helpers shared by the store implementations -----------------------------------------
 
-LEAD_COLUMNS: tuple[str, ...] = tuple(f.name for f in msgspec.structs.fields(LeadRow))
 # What the pipeline reads before analysing: StoredState plus the manual columns' values.
 STATE_COLUMNS: tuple[str, ...] = (
     "id",

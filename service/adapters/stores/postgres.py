@@ -28,7 +28,6 @@ from service.adapters.stores.base import (
     InstanceMove,
     InstanceOwnedError,
     LeadQuery,
-    LeadRow,
     LeadStats,
     OutboxEvent,
     StoredState,
@@ -42,6 +41,7 @@ from service.adapters.stores.base import (
     state_from_record,
 )
 from service.domain.history import Cause, FunnelRow, HistoryPage
+from service.domain.lead import LeadRow
 
 # SQL here is built only from fixed column tuples and fixed fragments (the S608
 # exemptions below); every value is a query parameter.

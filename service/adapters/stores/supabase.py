@@ -40,7 +40,6 @@ from service.adapters.stores.base import (
     InstanceMapping,
     InstanceMove,
     LeadQuery,
-    LeadRow,
     LeadStats,
     OutboxEvent,
     StoreAccessError,
@@ -56,6 +55,7 @@ from service.adapters.stores.base import (
 )
 from service.adapters.stores.postgres import checked_mapping
 from service.domain.history import Cause, FunnelRow, HistoryPage
+from service.domain.lead import LeadRow
 
 T = TypeVar("T")
 

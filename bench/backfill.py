@@ -103,7 +103,7 @@ async def _bench(args: argparse.Namespace, base_url: str) -> int:
             pipeline = ctx.require_pipeline()
             small = max(args.concurrency * 4, args.dialogs // 4)
             rss: dict[int, float] = {}
-            stats = BackfillStats()
+            stats = BackfillStats.zero()
 
             def progress(s: BackfillStats, _: int | None) -> None:
                 done = s.analyzed + s.new_leads + s.errors + s.skipped

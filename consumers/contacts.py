@@ -32,13 +32,14 @@ from loguru import logger
 from consumers.membership import Membership
 from service.adapters.broker.assignment import assign
 from service.adapters.broker.confirm import BrokerUnavailableError, NackedError, publish_confirmed
-from service.adapters.broker.connection import connect_cluster
+from service.adapters.broker.connection import connect_until_up
 from service.adapters.broker.envelope import (
     H_ATTEMPT,
     H_ERROR,
-    H_IDEMPOTENCY_KEYS,
     H_ORIGINAL_ROUTING_KEY,
     QueuedEvent,
+    batch_headers,
+    by_shard,
     decode_batch,
     encode_batch,
     header_int,
@@ -139,19 +140,7 @@ class ContactConsumer:
     # -- lifecycle -------------------------------------------------------------------
     async def start(self, stop: asyncio.Event | None = None) -> None:
         """Connect (retrying while no node is reachable) and start consuming."""
-        delay = 0.5
-        while True:
-            try:
-                self._connection = await connect_cluster(self._settings, "consume")
-                break
-            except (OSError, aio_pika.exceptions.AMQPError, TimeoutError) as exc:
-                # The first connect raises when no node answers; later drops are
-                # recovered (on any node) by the robust connection itself.
-                logger.warning("broker unreachable, retrying in {:.1f}s: {}", delay, exc)
-                if stop is not None and stop.is_set():
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 15.0)
+        self._connection = await connect_until_up(self._settings, "consume", stop)
         self._channel = await self._connection.channel()
         await self._channel.set_qos(prefetch_count=self._settings.consumer_prefetch)
         self._publish_channel = await self._connection.channel(
@@ -427,16 +416,9 @@ class ContactConsumer:
         self, exchange: str, events: list[QueuedEvent], headers: dict[str, Any]
     ) -> None:
         """One message per contact shard, confirmed; raises when the broker fails."""
-        by_shard: dict[str, list[QueuedEvent]] = {}
-        for event in events:
-            shard = shard_for(event.instance, event.contact_key, self._settings.queue_shards)
-            by_shard.setdefault(self._topology.shard_key(shard), []).append(event)
-        for routing_key, part in by_shard.items():
-            out = {
-                **headers,
-                H_IDEMPOTENCY_KEYS: [e.idempotency_key for e in part],
-                H_ORIGINAL_ROUTING_KEY: routing_key,
-            }
+        for shard, part in by_shard(events, self._settings.queue_shards).items():
+            routing_key = self._topology.shard_key(shard)
+            out = batch_headers(part, {**headers, H_ORIGINAL_ROUTING_KEY: routing_key})
             await self._publish(exchange, routing_key, encode_batch(part), out)
 
     def _schedule(self, key: tuple[str, str], contact: _Contact, now: float) -> None:
@@ -552,12 +534,9 @@ class ContactConsumer:
         routing_key = self._topology.shard_key(
             shard_for(instance, events[0].contact_key, self._settings.queue_shards)
         )
-        headers: dict[str, Any] = {
-            H_ATTEMPT: attempt,
-            H_ERROR: error[:500],
-            H_IDEMPOTENCY_KEYS: [e.idempotency_key for e in events],
-            H_ORIGINAL_ROUTING_KEY: routing_key,
-        }
+        headers = batch_headers(
+            events, {H_ATTEMPT: attempt, H_ERROR: error[:500], H_ORIGINAL_ROUTING_KEY: routing_key}
+        )
         try:
             if attempt >= self._settings.max_attempts:
                 await self._publish(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
@@ -21,7 +20,7 @@ from aio_pika.abc import (
 )
 from loguru import logger
 
-from service.adapters.broker.connection import connect_cluster
+from service.adapters.broker.connection import connect_until_up
 from service.adapters.broker.envelope import H_ERROR, H_ORIGINAL_ROUTING_KEY
 from service.adapters.broker.publisher import BrokerUnavailableError, EventPublisher
 from service.adapters.broker.topology import Topology
@@ -53,18 +52,7 @@ class EvolutionBridge:
 
     async def start(self, stop: asyncio.Event | None = None) -> None:
         """Connect (retrying while the broker is down), declare, start consuming."""
-        delay = 0.5
-        while True:
-            try:
-                self._connection = await connect_cluster(self._settings, "evolution-bridge")
-                break
-            except (OSError, aio_pika.exceptions.AMQPError, TimeoutError) as exc:
-                # Only the first connect raises; later drops are recovered by aio-pika.
-                logger.warning("broker unreachable, retrying in {:.1f}s: {}", delay, exc)
-                if stop is not None and stop.is_set():
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 15.0)
+        self._connection = await connect_until_up(self._settings, "evolution-bridge", stop)
         channel = self._channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=self._prefetch)
         await self._topology.declare(channel)

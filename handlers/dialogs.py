@@ -25,7 +25,6 @@ from handlers.rest_models import (
     AnalysisListResponse,
     AnalyzeBody,
     AnalyzeResponse,
-    AnalyzeStats,
     DeleteResponse,
     Endpoint,
     ExportParams,
@@ -260,16 +259,7 @@ async def analyze(request: web.Request) -> web.Response:
         result.errors,
         instance=body.instance_name,
     )
-    out = AnalyzeStats(
-        total=result.total,
-        analyzed=result.analyzed,
-        new_leads=result.new_leads,
-        hot=result.hot,
-        warm=result.warm,
-        cold=result.cold,
-        errors=result.errors,
-    )
-    return json_response(AnalyzeResponse(success=True, stats=out))
+    return json_response(AnalyzeResponse(success=True, stats=result.counts()))
 
 
 ROUTES: tuple[tuple[Endpoint, RouteHandler], ...] = (

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -13,9 +12,7 @@ from loguru import logger
 from handlers.app_context import context
 from handlers.http_errors import json_response
 from handlers.rest_models import Endpoint, HealthResponse
-from service.adapters.broker.connection import connect_once
-from service.adapters.broker.topology import Topology
-from service.config import Settings
+from service.adapters.broker.dead_letters import dead_queue_depth
 from service.metrics import CONTENT_TYPE_LATEST
 
 # The DLQ depth costs a broker round trip: refreshed at most this often, and bounded.
@@ -50,23 +47,11 @@ async def _refresh_dlq_depth(request: web.Request) -> None:
     ctx = context(request)
     try:
         async with asyncio.timeout(DLQ_TIMEOUT):
-            depth = await dead_queue_depth(ctx.settings)
+            depth = await dead_queue_depth(ctx.settings, DLQ_TIMEOUT)
     except Exception as exc:  # a down broker must not break the metrics scrape
         logger.debug("DLQ depth not refreshed: {}: {}", type(exc).__name__, exc)
         return
     ctx.metrics.dlq_depth.set(depth)
-
-
-async def dead_queue_depth(settings: Settings) -> int:
-    """Messages in the dead-letter queue (passive declare: nothing is created)."""
-    connection = await connect_once(settings, "ready", timeout=DLQ_TIMEOUT)
-    try:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(Topology(settings).dead_queue, passive=True)
-        return int(queue.declaration_result.message_count or 0)
-    finally:
-        with contextlib.suppress(Exception):
-            await connection.close()
 
 
 ROUTES = (

@@ -22,7 +22,7 @@ from loguru import logger
 from handlers.app_context import context
 from handlers.body import BodyError, read_limited
 from handlers.principal import bound_account
-from service.adapters.stores.base import StoreUnavailableError
+from service.adapters.failures import http_failure
 from service.usecases.intake_guard import bounded
 
 T = TypeVar("T", bound=msgspec.Struct)
@@ -31,11 +31,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY_BYTES = 1024 * 1024
 _encoder = msgspec.json.Encoder()
 
-# Adapter errors that mean "a dependency is down, retry later" (typed in modules that
-# are not importable in every build, hence matched by name).
-_UNAVAILABLE_NAMES = frozenset(
-    {"EvolutionUnavailableError", "AnalyzerUnavailableError", "BrokerUnavailableError"}
-)
 # Friendlier words than the type for fields whose pattern says little to a person.
 _EXPECT_OVERRIDES = {"phone": "a phone number with 7 to 15 digits, e.g. +7 701 234 56 01"}
 _NO_NUL = r"^[^\x00]*$"
@@ -79,15 +74,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         return _http_error(request, exc)
-    except StoreUnavailableError as exc:
-        logger.warning("results store unavailable: {}", exc)
-        return error_response(503, "results database unavailable, retry later")
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        if type(exc).__name__ in _UNAVAILABLE_NAMES:
+        failure = http_failure(exc)
+        if failure is not None:
             logger.warning("dependency unavailable: {}: {}", type(exc).__name__, exc)
-            return error_response(503, f"service dependency unavailable ({type(exc).__name__})")
+            return error_response(*failure)
         logger.exception("unhandled error in {} {}", request.method, request.path)
         return error_response(500, "internal error")
 

@@ -20,6 +20,7 @@ from service.adapters.stores.base import LeadQuery, LeadStats
 from service.domain.facts import Action, FunnelStage, InterestLevel, MainIntent, Niche
 from service.domain.history import FunnelRow, HistoryEntry
 from service.domain.lead import NewLead
+from service.usecases.backfill import AnalyzeStats
 
 # PostgreSQL text cannot hold NUL; refusing it here keeps such input a 400, not a 500.
 _NO_NUL = r"^[^\x00]*$"
@@ -288,16 +289,6 @@ class FunnelResponse(msgspec.Struct, kw_only=True):
 class LeadResponse(msgspec.Struct, kw_only=True):
     success: bool
     lead: LeadOut
-
-
-class AnalyzeStats(msgspec.Struct, kw_only=True):
-    total: Annotated[int, Meta(description="Contacts considered")]
-    analyzed: Annotated[int, Meta(description="Contacts analysed now")]
-    new_leads: Annotated[int, Meta(description="Stored as new_lead (under minIncoming)")]
-    hot: int
-    warm: int
-    cold: int
-    errors: Annotated[int, Meta(description="Contacts whose analysis failed")]
 
 
 class AnalyzeResponse(msgspec.Struct, kw_only=True):

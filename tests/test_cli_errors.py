@@ -173,8 +173,8 @@ def test_migrate_through_the_transaction_pooler_is_refused(workdir: Path) -> Non
 
 
 def test_a_missing_file_is_not_called_a_connection_failure() -> None:
+    from service.adapters.failures import cli_line as explain
     from service.adapters.stores.migrations import PackageDataError
-    from service.cli.explain import explain
 
     line = explain(FileNotFoundError(2, "No such file or directory", "/x/0001.sql"))
     assert line is not None and "cannot connect" not in line and "/x/0001.sql" in line

@@ -82,7 +82,7 @@ async def notifications(settings: Settings) -> list[dict[str, Any]]:
 
 
 async def dead_contacts(settings: Settings) -> set[str]:
-    from service.cli.dlq import list_dead
+    from service.adapters.broker.dead_letters import list_dead
 
     _, letters = await list_dead(settings, 1000)
     return {c for letter in letters for c in letter.contacts}

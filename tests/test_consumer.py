@@ -234,7 +234,7 @@ class FailingAnalyzer:
 
 
 async def test_failing_analyzer_dead_letters_then_replay_completes(settings: Settings) -> None:
-    from service.cli.dlq import list_dead, replay_dead
+    from service.adapters.broker.dead_letters import list_dead, replay_dead
 
     phone = "77010000006"
     t0 = int(time.time()) - 600
@@ -269,8 +269,8 @@ async def test_failing_analyzer_dead_letters_then_replay_completes(settings: Set
 
 
 async def test_poison_message_goes_straight_to_dlq(settings: Settings) -> None:
+    from service.adapters.broker.dead_letters import list_dead
     from service.adapters.broker.topology import Topology
-    from service.cli.dlq import list_dead
 
     analyzer = CountingAnalyzer()
     topology = Topology(settings)

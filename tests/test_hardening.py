@@ -151,8 +151,8 @@ async def test_instance_apikey_check(service_settings: Settings) -> None:
 async def test_poison_event_is_dead_lettered_without_the_good_ones(
     service_settings: Settings,
 ) -> None:
+    from service.adapters.broker.dead_letters import list_dead
     from service.adapters.broker.envelope import QueuedEvent
-    from service.cli.dlq import list_dead
 
     phone = "77010000055"
 

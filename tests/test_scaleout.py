@@ -203,9 +203,9 @@ async def test_unroutable_retry_keeps_the_original_delivery(settings: Settings) 
         await svc.wait_for(retried_twice, timeout=30, what="a second attempt")
     # Nothing acked away: the event still waits in its shard queue, nothing dead-lettered.
     assert await queue_depth(settings) == 3  # one message per webhook
-    from service.cli.dlq import dead_letter_depth
+    from service.adapters.broker.dead_letters import dead_queue_depth
 
-    assert await dead_letter_depth(settings) == 0
+    assert await dead_queue_depth(settings, 5.0) == 0
 
 
 async def test_lead_hot_is_not_lost_while_unroutable(settings: Settings) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from service.config import Settings
 from service.metrics import Metrics
@@ -27,8 +27,6 @@ class AppContext:
     publisher: EventPublisher | None = None
     pipeline: Pipeline | None = None
     model_lifecycle: ModelLifecycle | None = None  # shutdown-date watch of OPENAI_MODEL
-    # Extra named resources (e.g. a broker connection for /ready); closed by their owners.
-    extras: dict[str, Any] = field(default_factory=dict)
 
     def require_store(self) -> ResultsStore:
         if self.store is None:

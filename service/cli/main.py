@@ -207,9 +207,9 @@ def _fail(message: str) -> NoReturn:
 
 def describe_error(exc: BaseException) -> str | None:
     """One line for the errors a user meets (unreachable services, wrong credentials)."""
-    from service.cli.explain import explain
+    from service.adapters.failures import cli_line
 
-    return explain(exc)
+    return cli_line(exc)
 
 
 # -- commands ---------------------------------------------------------------------------
@@ -318,7 +318,7 @@ async def _cmd_index(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
-    from service.cli.dlq import list_dead, replay_dead
+    from service.adapters.broker.dead_letters import list_dead, replay_dead
 
     if args.action == "list":
         depth, letters = await list_dead(settings, args.limit)
@@ -397,7 +397,7 @@ async def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
 
         pipeline = ctx.require_pipeline()
         progress = Progress(sys.stderr)
-        stats = BackfillStats()
+        stats = BackfillStats.zero()
         task = asyncio.create_task(
             run_backfill(pipeline, reader, options, progress.update, stats=stats)
         )

@@ -12,10 +12,11 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
-from typing import Protocol
+from typing import Annotated, Protocol
 
 import msgspec
 from loguru import logger
+from msgspec import Meta
 
 from service.adapters.analyzers.base import TokenUsage
 from service.adapters.analyzers.prices import EST_COMPLETION_TOKENS, PRICES_AS_OF, cost_usd
@@ -25,20 +26,35 @@ from service.logs import contact_hash
 from service.usecases.pipeline import ContactOutcome, Pipeline, summary_is_current
 
 
-class BackfillStats(msgspec.Struct, kw_only=True):
-    """The shape of `POST /dialogs/analyze`'s `stats` and of the backfill's JSON."""
+class AnalyzeStats(msgspec.Struct, kw_only=True):
+    """The counts of a bulk analysis: `POST /dialogs/analyze`'s `stats`."""
 
-    total: int = 0  # contacts considered
-    analyzed: int = 0  # analysed now
-    new_leads: int = 0  # stored as new_lead (under the threshold)
-    hot: int = 0
-    warm: int = 0
-    cold: int = 0
-    errors: int = 0
+    total: Annotated[int, Meta(description="Contacts considered")]
+    analyzed: Annotated[int, Meta(description="Contacts analysed now")]
+    new_leads: Annotated[int, Meta(description="Stored as new_lead (under minIncoming)")]
+    hot: int
+    warm: int
+    cold: int
+    errors: Annotated[int, Meta(description="Contacts whose analysis failed")]
+
+
+class BackfillStats(AnalyzeStats, kw_only=True):
+    """The counts plus what only the backfill's JSON shows."""
+
     skipped: int = 0  # unchanged since the stored analysis
     # LID-only chats no stored message pairs with a phone: not analysed until a pair
     # appears (a message with both, or a later event)
     unpaired_lid_chats: int = 0
+
+    @classmethod
+    def zero(cls) -> BackfillStats:
+        return cls(**dict.fromkeys(_COUNTS, 0))
+
+    def counts(self) -> AnalyzeStats:
+        return AnalyzeStats(**{name: getattr(self, name) for name in _COUNTS})
+
+
+_COUNTS = AnalyzeStats.__struct_fields__
 
 
 class DryRunEstimate(msgspec.Struct, kw_only=True):
@@ -99,7 +115,7 @@ async def run_backfill(
 ) -> BackfillStats:
     """Analyse the instance's contacts. `stats` is filled as it goes, so a caller that
     cancels still has the counts of what finished."""
-    stats = stats if stats is not None else BackfillStats()
+    stats = stats if stats is not None else BackfillStats.zero()
     queue: asyncio.Queue[ContactSummary | None] = asyncio.Queue(maxsize=options.concurrency * 2)
     # Contacts over the threshold, counted as they are handed out (caps --max-dialogs).
     budget = _DialogBudget(options.max_dialogs)

@@ -12,6 +12,7 @@ that moment is where the next node is chosen.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import socket
@@ -112,6 +113,24 @@ async def connect_cluster(
         return connection
     assert last is not None
     raise last
+
+
+async def connect_until_up(
+    settings: Settings, role: str, stop: asyncio.Event | None = None
+) -> AbstractRobustConnection:
+    """connect_cluster, retried with backoff (0.5 s doubling to 15 s) while no node
+    answers; gives up with the error once `stop` is set. Only this first connect can
+    fail: later drops are recovered (on any node) by the robust connection itself."""
+    delay = 0.5
+    while True:
+        try:
+            return await connect_cluster(settings, role)
+        except (OSError, aio_pika.exceptions.AMQPError, TimeoutError) as exc:
+            logger.warning("broker unreachable, retrying in {:.1f}s: {}", delay, exc)
+            if stop is not None and stop.is_set():
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 15.0)
 
 
 async def connect_once(

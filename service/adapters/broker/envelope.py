@@ -9,6 +9,7 @@ batches: one AMQP message carries the events of one contact shard that arrived t
 from __future__ import annotations
 
 import zlib
+from typing import Any
 
 import msgspec
 
@@ -19,6 +20,7 @@ H_IDEMPOTENCY_KEYS = "x-idempotency-keys"  # list of "<instance>:<whatsapp messa
 H_ATTEMPT = "x-attempt"  # delivery attempts already made (0 on first publish)
 H_ERROR = "x-error"  # last failure, on retried and dead-lettered messages
 H_ORIGINAL_ROUTING_KEY = "x-original-routing-key"
+H_DEATH = "x-death"  # set by the broker on what it dead-lettered itself (delivery limit)
 
 
 class QueuedEvent(msgspec.Struct, kw_only=True, frozen=True):
@@ -88,6 +90,19 @@ _decoder = msgspec.json.Decoder(EventBatch)
 
 def encode_batch(events: list[QueuedEvent]) -> bytes:
     return _encoder.encode(EventBatch(events=events))
+
+
+def batch_headers(events: list[QueuedEvent], headers: dict[str, Any]) -> dict[str, Any]:
+    """The headers of a batch message: the caller's, with the events' idempotency keys."""
+    return {**headers, H_IDEMPOTENCY_KEYS: [e.idempotency_key for e in events]}
+
+
+def by_shard(events: list[QueuedEvent], shards: int) -> dict[int, list[QueuedEvent]]:
+    """The events grouped by their contact's shard, in order."""
+    groups: dict[int, list[QueuedEvent]] = {}
+    for event in events:
+        groups.setdefault(shard_for(event.instance, event.contact_key, shards), []).append(event)
+    return groups
 
 
 def decode_batch(body: bytes) -> EventBatch:

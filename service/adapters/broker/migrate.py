@@ -37,12 +37,11 @@ from service.adapters.broker.connection import connect_once
 from service.adapters.broker.envelope import (
     H_ATTEMPT,
     H_ERROR,
-    H_IDEMPOTENCY_KEYS,
-    QueuedEvent,
+    batch_headers,
+    by_shard,
     decode_batch,
     encode_batch,
     header_int,
-    shard_for,
 )
 from service.adapters.broker.topology import H_LEGACY_RETRY_TIER, Topology
 from service.config import Settings
@@ -173,16 +172,8 @@ async def _move(
         await message.ack()
         move.dead_lettered += 1
         return
-    groups: dict[int, list[QueuedEvent]] = {}
-    for event in batch.events:
-        shard = shard_for(event.instance, event.contact_key, topology.shards)
-        groups.setdefault(shard, []).append(event)
-    for shard, events in groups.items():
-        part = {
-            **headers,
-            H_ATTEMPT: header_int(headers.get(H_ATTEMPT)),
-            H_IDEMPOTENCY_KEYS: [e.idempotency_key for e in events],
-        }
+    for shard, events in by_shard(batch.events, topology.shards).items():
+        part = batch_headers(events, {**headers, H_ATTEMPT: header_int(headers.get(H_ATTEMPT))})
         if retry_attempt is None:
             exchange = topology.intake_exchange
         else:

@@ -33,8 +33,8 @@ from service.adapters.broker.confirm import BrokerUnavailableError, NackedError,
 from service.adapters.broker.connection import MultiNodeConnection, connect_cluster
 from service.adapters.broker.envelope import (
     H_ATTEMPT,
-    H_IDEMPOTENCY_KEYS,
     QueuedEvent,
+    batch_headers,
     encode_batch,
     shard_for,
 )
@@ -311,10 +311,7 @@ class EventPublisher:
                 request.future.set_exception(error)
 
     async def _send_chunk(self, chunk: _Chunk) -> None:
-        headers: dict[str, Any] = {
-            H_IDEMPOTENCY_KEYS: [event.idempotency_key for event in chunk.events],
-            H_ATTEMPT: 0,
-        }
+        headers = batch_headers(chunk.events, {H_ATTEMPT: 0})
         message_id = chunk.events[0].idempotency_key if len(chunk.events) == 1 else None
         await self._confirmed(
             self._topology.intake_exchange,

@@ -1,4 +1,4 @@
-"""Dead-letter queue inspection and replay (`crm-backend dlq list` / `dlq replay`)."""
+"""The dead-letter queue: its depth, its letters (`crm-backend dlq list`), their replay."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ from service.adapters.broker.confirm import publish_confirmed
 from service.adapters.broker.connection import connect_once
 from service.adapters.broker.envelope import (
     H_ATTEMPT,
+    H_DEATH,
     H_ERROR,
-    H_IDEMPOTENCY_KEYS,
+    batch_headers,
+    by_shard,
     decode_batch,
+    encode_batch,
     header_int,
-    shard_for,
 )
 from service.adapters.broker.topology import Topology
 from service.config import Settings
@@ -72,7 +74,7 @@ def _describe(position: int, message: AbstractIncomingMessage, key: bytes) -> De
 
 def _death_reason(headers: dict[str, Any]) -> str | None:
     """Messages dead-lettered by the broker itself (delivery limit) carry x-death."""
-    deaths = headers.get("x-death")
+    deaths = headers.get(H_DEATH)
     if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
         return f"broker: {deaths[0].get('reason')}"
     return None
@@ -104,14 +106,13 @@ async def list_dead(settings: Settings, limit: int = 100) -> tuple[int, list[Dea
             await connection.close()
 
 
-async def dead_letter_depth(settings: Settings) -> int:
-    topology = Topology(settings)
-    connection = await connect_once(settings, "dlq")
+async def dead_queue_depth(settings: Settings, timeout: float) -> int:  # noqa: ASYNC109
+    """Messages in the dead-letter queue (passive declare: nothing is created)."""
+    connection = await connect_once(settings, "ready", timeout=timeout)
     try:
         channel = await connection.channel()
-        await topology.declare(channel)
-        queue = await channel.get_queue(topology.dead_queue, ensure=True)
-        return queue.declaration_result.message_count or 0
+        queue = await channel.declare_queue(Topology(settings).dead_queue, passive=True)
+        return int(queue.declaration_result.message_count or 0)
     finally:
         with contextlib.suppress(Exception):
             await connection.close()
@@ -136,20 +137,16 @@ async def replay_dead(settings: Settings, limit: int | None = None) -> ReplayRes
             except (msgspec.DecodeError, msgspec.ValidationError):
                 kept.append(message)
                 continue
-            # Group by shard again: the shard count may have changed since.
-            by_shard: dict[int, list[Any]] = {}
-            for event in batch.events:
-                shard = shard_for(event.instance, event.contact_key, settings.queue_shards)
-                by_shard.setdefault(shard, []).append(event)
-            # Each part confirmed and routed before the dead letter is acked: a failure
-            # leaves it in the DLQ (a part already sent is then analysed twice at most).
-            for shard, events in by_shard.items():
+            # Group by shard again: the shard count may have changed since. Each part
+            # confirmed and routed before the dead letter is acked: a failure leaves it in
+            # the DLQ (a part already sent is then analysed twice at most).
+            for shard, events in by_shard(batch.events, settings.queue_shards).items():
                 await publish_confirmed(
                     channel,
                     topology.intake_exchange,
                     topology.shard_key(shard),
-                    msgspec.json.encode({"v": batch.v, "events": events}),
-                    {H_ATTEMPT: 0, H_IDEMPOTENCY_KEYS: [e.idempotency_key for e in events]},
+                    encode_batch(events),
+                    batch_headers(events, {H_ATTEMPT: 0}),
                 )
             await message.ack()
             result.replayed += 1

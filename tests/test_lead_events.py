@@ -396,3 +396,14 @@ async def test_a_batch_claimed_by_a_dead_process_is_published_after_its_lease(
     assert waited >= settings.outbox_lease_seconds - 0.5
     assert sorted(m.message_id or "" for m in got) == sorted(str(e.id) for e in claimed)
     assert sum(d.published for d in drainers) == 12
+
+
+def test_backfill_help_says_it_notifies_by_default() -> None:
+    from service.cli.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["backfill", "--instance", "x"]).notify is True
+    assert parser.parse_args(["backfill", "--instance", "x", "--no-notify"]).notify is False
+    sub = next(a for a in parser._subparsers._group_actions if a.dest == "command")  # type: ignore[union-attr]
+    text = " ".join(sub.choices["backfill"].format_help().split())  # type: ignore[attr-defined]
+    assert "--no-notify" in text and "default: notify" in text

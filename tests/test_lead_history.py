@@ -399,3 +399,22 @@ async def test_the_funnel_refuses_a_bad_period(api: Api) -> None:
     # No until: up to now; no history yet: every stage at zero.
     status, body = await api.get("/dialogs/funnel", **base, since="2026-01-01T00:00:00Z")
     assert status == 200 and body["funnel"]["new_lead"]["entered"] == 0
+
+
+async def test_openapi_describes_history_and_funnel(api: Api) -> None:
+    status, doc = await api.call("GET", "/openapi.json")
+    assert status == 200
+    history_op = doc["paths"]["/dialogs/leads/{id}/history"]["get"]
+    assert {p["name"] for p in history_op["parameters"]} >= {"id", "userAccountId", "limit"}
+    assert "404" in history_op["responses"]
+    funnel_op = doc["paths"]["/dialogs/funnel"]["get"]
+    assert {p["name"] for p in funnel_op["parameters"]} >= {"since", "until", "instanceName"}
+    entry = doc["components"]["schemas"]["HistoryEntry"]
+    assert set(entry["properties"]) == {"changed_at", "field", "from", "to", "cause"}
+    cause = doc["components"]["schemas"]["Cause"]
+    assert set(cause["properties"]) == {"kind", "analyzer", "model", "key"}
+    assert set(doc["components"]["schemas"]["FunnelRow"]["properties"]) == {
+        "entered",
+        "moved_to",
+        "median_hours_to",
+    }

@@ -117,6 +117,7 @@ async def run_demo(
     from aiohttp import web
 
     from consumers.contacts import ContactConsumer
+    from consumers.outbox import OutboxDrainer
     from handlers.http_app import make_app
     from service.adapters.evolution.seed import insert_webhook_message
     from service.adapters.stores.migrations import apply_migrations
@@ -146,6 +147,8 @@ async def run_demo(
         await store.add_instance(DEMO_INSTANCE, DEMO_ACCOUNT)
         consumer = ContactConsumer(ctx)
         await consumer.start()
+        drainer = OutboxDrainer(ctx)  # the lead events, as `run` publishes them
+        await drainer.start()
         runner = web.AppRunner(make_app(ctx), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -177,6 +180,7 @@ async def run_demo(
             await asyncio.sleep(0.1)
         elapsed = time.monotonic() - started
         rows, _ = await store.query_leads(LeadQuery(user_account_id=DEMO_ACCOUNT, limit=1000))
+        await drainer.stop()
         await consumer.stop()
         await runner.cleanup()
     _print_table(rows, out)

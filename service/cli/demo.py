@@ -114,11 +114,11 @@ async def run_demo(
     evolution_db: str = DEMO_EVOLUTION_DB,
 ) -> list[LeadRow]:
     """Run the demo; returns the leads it printed. `speed` = seconds between messages."""
-    from aiohttp import web
 
     from consumers.contacts import ContactConsumer
     from consumers.outbox import OutboxDrainer
     from handlers.http_app import make_app
+    from handlers.server import start_local
     from service.adapters.evolution.seed import insert_webhook_message
     from service.adapters.stores.migrations import apply_migrations
     from service.bootstrap.builders import app_context
@@ -149,11 +149,7 @@ async def run_demo(
         await consumer.start()
         drainer = OutboxDrainer(ctx)  # the lead events, as `run` publishes them
         await drainer.start()
-        runner = web.AppRunner(make_app(ctx), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = _bound_port(runner)
+        runner, port = await start_local(make_app(ctx))
         url = f"http://127.0.0.1:{port}/webhooks/evolution?token={webhook_token}"
         say(
             f"replaying {len(bodies)} messages of {len(dialogs)} dialogs as Evolution webhooks "
@@ -204,14 +200,6 @@ def _printer(out: TextIO) -> Any:
         print(text, file=out, flush=True)
 
     return say
-
-
-def _bound_port(runner: Any) -> int:
-    for site in runner.sites:
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            return int(server.sockets[0].getsockname()[1])
-    raise RuntimeError("demo server did not bind a port")
 
 
 def _expected_last_ids(bodies: list[dict[str, Any]]) -> dict[str, str]:

@@ -467,7 +467,9 @@ async def _serve_until_stopped(settings: Settings, *, consume: bool, serve: bool
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     bridge_on = consume and bool(settings.evolution_amqp_exchange)
-    async with app_context(settings, publisher=serve or bridge_on, lifecycle=True) as ctx:
+    async with app_context(
+        settings, publisher=serve or bridge_on, lifecycle=True, warm=consume
+    ) as ctx:
         workers: list[Any] = []  # consumers; started in the background
         starting: list[asyncio.Task[None]] = []
         failures: list[BaseException] = []

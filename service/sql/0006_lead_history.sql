@@ -68,6 +68,12 @@ DECLARE
     v_cause jsonb := crm_cause(p_cause);
     v_data jsonb;
 BEGIN
+    -- Most writes change none of the three (a new message, same result): nothing to do.
+    IF o.funnel_stage IS NOT DISTINCT FROM n.funnel_stage
+       AND o.score IS NOT DISTINCT FROM n.score
+       AND o.interest_level IS NOT DISTINCT FROM n.interest_level THEN
+        RETURN;
+    END IF;
     INSERT INTO crm_lead_history (lead_id, changed_at, field, from_value, to_value, cause)
     SELECT n.id, p_at, f.field, f.old, f.new, v_cause
     FROM (VALUES

@@ -307,7 +307,8 @@ ROUTES: tuple[tuple[Endpoint, RouteHandler], ...] = (
             query=ExportParams,
             media_type="text/csv",
             description="UTF-8 with BOM, streamed; every list filter applies. The original's "
-            "17 columns first, then niche, score_breakdown and more. Cells starting with "
+            "17 columns first, then niche, score_breakdown, score_evidence (the first "
+            "quote behind each score line) and more. Cells starting with "
             "= + - @, tab or CR (also behind blanks or invisible characters, and in "
             "full-width forms) are prefixed with ' (formula injection). No match: header "
             "only. 503 while EXPORT_MAX_CONCURRENT exports run.",

@@ -20,6 +20,7 @@ from service.adapters.stores.base import LeadQuery, LeadStats
 from service.domain.facts import Action, FunnelStage, InterestLevel, MainIntent, Niche
 from service.domain.history import FunnelRow, HistoryEntry
 from service.domain.lead import NewLead
+from service.domain.scoring import ScoreLine, stored_breakdown
 from service.usecases.backfill import AnalyzeStats
 
 # PostgreSQL text cannot hold NUL; refusing it here keeps such input a 400, not a 500.
@@ -240,7 +241,16 @@ class LeadOut(msgspec.Struct, kw_only=True):
     updated_at: datetime | None
     niche: str | None
     budget_stated: bool | None
-    score_breakdown: list[dict[str, Any]] | None
+    score_breakdown: (
+        Annotated[
+            list[ScoreLine],
+            Meta(
+                description="Why the score: one line per reason, each with the messages "
+                "behind it (`evidence`: Evolution's key.id and a verbatim quote)"
+            ),
+        ]
+        | None
+    )
     remote_jid: str | None
     last_message_id: str | None
     analyzer: str | None
@@ -258,7 +268,9 @@ LEAD_OUT_FIELDS: tuple[str, ...] = LeadOut.__struct_fields__
 
 def lead_out(row: Any) -> LeadOut:
     """A store row (`LeadRow`) without its `messages`."""
-    return LeadOut(**{name: getattr(row, name) for name in LEAD_OUT_FIELDS})
+    fields = {name: getattr(row, name) for name in LEAD_OUT_FIELDS}
+    fields["score_breakdown"] = stored_breakdown(fields["score_breakdown"])
+    return LeadOut(**fields)
 
 
 class AnalysisListResponse(msgspec.Struct, kw_only=True):

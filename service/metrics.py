@@ -50,6 +50,13 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.evidence_dropped = Counter(
+            "crm_evidence_dropped",
+            "Evidence an analyzer gave that was left out (an index outside the dialog sent, "
+            "a message without text)",
+            ["analyzer"],
+            registry=r,
+        )
         self.consumer_skips = Counter(
             "crm_consumer_skipped_events",
             "Events the consumer did not analyse, by reason",

@@ -19,6 +19,7 @@ from service.usecases.csv_export import (
     csv_chunks,
     encode_header,
     encode_rows,
+    evidence_text,
     neutralise,
 )
 
@@ -51,9 +52,10 @@ def test_columns_start_with_the_original_seventeen_in_order() -> None:
     assert list(ORIGINAL_COLUMNS) == CONTRACT_ORIGINAL
     assert len(ORIGINAL_COLUMNS) == 17
     assert COLUMNS[:17] == ORIGINAL_COLUMNS
-    assert COLUMNS[17:19] == ("niche", "score_breakdown")
+    assert COLUMNS[17:20] == ("niche", "score_breakdown", "score_evidence")
     assert len(set(COLUMNS)) == len(COLUMNS)
-    assert set(COLUMNS) <= set(LeadRow.__struct_fields__)
+    # Every column is the row's own, but the quotes taken from its breakdown.
+    assert set(COLUMNS) - set(LeadRow.__struct_fields__) == {"score_evidence"}
 
 
 def test_header_only_file_has_bom_and_header() -> None:
@@ -144,3 +146,38 @@ async def test_chunks_hold_every_row_once_in_order() -> None:
 async def test_no_rows_gives_the_header_only() -> None:
     chunks = [c async for c in csv_chunks(_aiter([]))]
     assert chunks == [encode_header()]
+
+
+def test_evidence_shows_one_quote_per_line_and_is_formula_safe() -> None:
+    lead = row(
+        score_breakdown=[
+            {
+                "reason": "stage: consultation_booked",
+                "points": 40,
+                "fact": "funnel_stage",
+                "evidence": [
+                    {"message_id": "3EB0A1", "quote": "Да, давайте завтра в 15:00"},
+                    {"message_id": "3EB0A2", "quote": "second, not shown"},
+                ],
+                "manual": False,
+            },
+            {"reason": "decision maker: owner", "points": 10, "fact": "is_owner", "manual": True},
+            {"reason": "niche: medicine", "points": 15, "fact": "niche", "evidence": []},
+            {"reason": "clamped to 0-100", "points": -5},
+        ]
+    )
+    header, cells = parse(encode_header() + encode_rows([lead]))
+    got = dict(zip(header, cells, strict=True))
+    assert got["score_evidence"] == (
+        "stage: consultation_booked: «Да, давайте завтра в 15:00»\n"
+        "decision maker: owner: set by hand"
+    )
+    # A breakdown written by something else cannot smuggle a formula into the cell.
+    forged = row(
+        score_breakdown=[{"reason": "=HYPERLINK(1)", "points": 1, "evidence": [{"quote": "x"}]}]
+    )
+    header, cells = parse(encode_header() + encode_rows([forged]))
+    assert dict(zip(header, cells, strict=True))["score_evidence"] == "'=HYPERLINK(1): «x»"
+    assert evidence_text(None) == evidence_text([]) == ""
+    # Older rows (reason and points only) have no evidence to show.
+    assert evidence_text([{"reason": "stage: qualified", "points": 30}]) == ""

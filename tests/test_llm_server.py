@@ -29,6 +29,7 @@ from service.adapters.analyzers.openai_analyzer import OpenAIAnalyzer
 from service.adapters.analyzers.rules import RulesAnalyzer
 from service.adapters.evolution.seed import load_dialogs
 from service.config import Settings
+from service.domain.evidence import EVIDENCE_FACTS
 from service.domain.facts import LeadFacts
 from service.domain.scoring import ScoreInputs, score
 from tests.harness import free_port_in
@@ -144,6 +145,11 @@ async def test_analyzer_answers_are_bounded_and_fall_back_as_designed(
                 assert usage.calls == 2 and result.facts == rules.extract(dialog)
             else:
                 assert result.analyzer == "openai"
+            # Whatever numbers the model gave, only messages of this dialog are cited.
+            texts = {m.id: m.text for m in dialog.messages}
+            for fact in EVIDENCE_FACTS:
+                for item in result.evidence.of(fact):
+                    assert item.quote and item.quote in texts[item.message_id]
     finally:
         await analyzer.close()
     # llama.cpp's server takes the strict json_schema format (server-common.cpp:
@@ -222,6 +228,15 @@ async def test_backfill_against_the_real_server_stores_rule_table_scores(
         # The stored score is always the rule table's on the stored facts.
         assert row["score"] == score(stored).total
         assert row["interest_level"] == score(stored).interest_level
+        # Evidence names messages of the analysed dialog, stored with the lead.
+        messages = row["messages"]
+        messages = msgspec.json.decode(messages) if isinstance(messages, str) else messages
+        texts = {m["id"]: m["text"] for m in messages}
+        breakdown = row["score_breakdown"]
+        breakdown = msgspec.json.decode(breakdown) if isinstance(breakdown, str) else breakdown
+        for line in breakdown:
+            for item in line["evidence"]:
+                assert item["quote"] in texts[item["message_id"]]
         usage = row["llm_usage"]
         usage = msgspec.json.decode(usage) if isinstance(usage, str) else usage
         assert usage["calls"] >= 1 and usage["completion_tokens"] > 0

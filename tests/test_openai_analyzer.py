@@ -31,9 +31,15 @@ from service.adapters.analyzers.openai_analyzer import (
 )
 from service.adapters.analyzers.prompt import DIALOG_CLOSE, DIALOG_OPEN, SYSTEM_PROMPT
 from service.adapters.analyzers.rules import RulesAnalyzer
-from service.adapters.analyzers.schema import FIELD_DESCRIPTIONS, lead_facts_schema
+from service.adapters.analyzers.schema import (
+    EVIDENCE_DESCRIPTIONS,
+    FIELD_DESCRIPTIONS,
+    LeadAnswer,
+    lead_facts_schema,
+)
 from service.config import Settings
 from service.domain.dialog import Contact, Dialog, DialogMessage
+from service.domain.evidence import EVIDENCE_FACTS
 from service.domain.facts import LeadFacts
 from tests.fakes.openai_server import FakeOpenAI, FakeReply
 
@@ -189,10 +195,19 @@ def test_schema_follows_openai_strict_rules() -> None:
     jsonschema.Draft202012Validator.check_schema(schema)
     text = json.dumps(schema)
     assert "$ref" not in text and "$defs" not in text
-    fields = [f.name for f in msgspec.structs.fields(LeadFacts)]
-    assert list(schema["properties"]) == fields  # the order the model writes
+    fields = [f.name for f in msgspec.structs.fields(LeadAnswer)]
+    # The order the model writes: the facts, then the evidence for them.
+    assert list(schema["properties"]) == [*LeadFacts.__struct_fields__, "evidence"] == fields
     for name in fields:
         assert schema["properties"][name]["description"] == FIELD_DESCRIPTIONS[name]
+    cited = schema["properties"]["evidence"]
+    assert list(cited["properties"]) == list(EVIDENCE_FACTS) == cited["required"]
+    for name, prop in cited["properties"].items():
+        assert prop == {
+            "type": "array",
+            "items": {"type": "integer"},
+            "description": EVIDENCE_DESCRIPTIONS[name],
+        }
     assert schema["properties"]["is_owner"]["type"] == ["boolean", "null"]
     assert set(schema["properties"]["funnel_stage"]["enum"]) == {
         "new_lead",
@@ -238,8 +253,8 @@ _VALIDATOR = jsonschema.Draft202012Validator(_SCHEMA)
 @given(from_schema(_SCHEMA))
 def test_every_object_valid_under_the_schema_decodes(obj: dict[str, Any]) -> None:
     _VALIDATOR.validate(obj)
-    facts = msgspec.json.decode(json.dumps(obj), type=LeadFacts)
-    assert msgspec.to_builtins(facts) == obj
+    answer = msgspec.json.decode(json.dumps(obj), type=LeadAnswer)
+    assert msgspec.to_builtins(answer) == obj
 
 
 @pytest.mark.parametrize(
@@ -250,18 +265,28 @@ def test_every_object_valid_under_the_schema_decodes(obj: dict[str, Any]) -> Non
         lambda o: o.update(extra="x"),
         lambda o: o.update(is_owner="yes"),
         lambda o: o.update(next_message=None),
+        lambda o: o["evidence"].update(niche=["1"]),
+        lambda o: o["evidence"].pop("ad_budget"),
     ],
-    ids=["missing", "wrong-enum", "extra-field", "wrong-type", "null-not-allowed"],
+    ids=[
+        "missing",
+        "wrong-enum",
+        "extra-field",
+        "wrong-type",
+        "null-not-allowed",
+        "evidence-not-numbers",
+        "evidence-missing-fact",
+    ],
 )
 def test_objects_invalid_under_the_schema_are_rejected_too(
     mutate: Callable[[dict[str, Any]], object],
 ) -> None:
-    obj = msgspec.to_builtins(FACTS_A)
+    obj = {**msgspec.to_builtins(FACTS_A), "evidence": {f: [1] for f in EVIDENCE_FACTS}}
     mutate(obj)
     with pytest.raises(jsonschema.ValidationError):
         _VALIDATOR.validate(obj)
     with pytest.raises(msgspec.ValidationError):
-        msgspec.json.decode(json.dumps(obj), type=LeadFacts)
+        msgspec.json.decode(json.dumps(obj), type=LeadAnswer)
 
 
 # -- success ------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from service.domain.facts import FUNNEL_STAGES, LeadFacts
 from tests.fakes.openai_server import parse_dialog
 
 T0 = datetime(2026, 9, 1, 8, 4, tzinfo=UTC)
-LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d\] (Клиент|Менеджер): ")
+LINE = re.compile(r"^#\d+ \[\d{4}-\d\d-\d\d \d\d:\d\d\] (Клиент|Менеджер): ")
 
 
 def make_dialog(texts: list[tuple[bool, str]], minutes: int = 4) -> Dialog:
@@ -63,8 +63,8 @@ def test_labels_and_times() -> None:
     )
     prompt = build_prompt(dialog, Settings())
     assert block_lines(prompt.user) == [
-        "[2026-09-01 08:04] Клиент: Здравствуйте, у меня клиника",
-        "[2026-09-01 08:08] Менеджер: Добрый день! Вы владелец?",
+        "#1 [2026-09-01 08:04] Клиент: Здравствуйте, у меня клиника",
+        "#2 [2026-09-01 08:08] Менеджер: Добрый день! Вы владелец?",
     ]
     assert prompt.messages() == [
         {"role": "system", "content": SYSTEM_PROMPT},

@@ -9,8 +9,9 @@ import msgspec
 import pytest
 
 from handlers.rest_models import LEAD_OUT_FIELDS, LeadCreateBody, LeadPatchBody, lead_out
+from service.domain.evidence import EVIDENCE_FACTS
 from service.domain.lead import LeadRow
-from service.domain.scoring import ScoreInputs, score
+from service.domain.scoring import ScoreInputs, breakdown_json, score
 from service.usecases.lead_edits import new_manual_lead, normalized_phone, patch_update
 
 NOW = datetime(2026, 9, 1, 12, 0, tzinfo=UTC)
@@ -48,11 +49,14 @@ def test_new_lead_is_scored_like_an_analysis_and_marks_given_fields_manual() -> 
     )
     lead = new_manual_lead(body.new_lead("77012345601"), NOW)
     expected = score(
-        ScoreInputs(funnel_stage="qualified", niche="medicine", is_owner=True, budget_stated=True)
+        ScoreInputs(funnel_stage="qualified", niche="medicine", is_owner=True, budget_stated=True),
+        manual=set(EVIDENCE_FACTS),
     )
     assert lead.score == expected.total == 65
     assert lead.interest_level == "warm"
-    assert lead.score_breakdown == [msgspec.to_builtins(line) for line in expected.breakdown]
+    assert lead.score_breakdown == breakdown_json(expected.breakdown)
+    # Every fact is the person's word: marked so, with no message behind it.
+    assert all(line["manual"] and line["evidence"] == [] for line in lead.score_breakdown)
     assert lead.source == "manual"
     assert lead.contact_phone == "77012345601"
     assert lead.remote_jid == "77012345601@s.whatsapp.net"

@@ -91,6 +91,19 @@ async def supabase(postgrest: PostgrestServer) -> AsyncIterator[SupabaseStore]:
         await sb.close()
 
 
+# A breakdown as analyses store it: each line with its fact and the messages behind it.
+BREAKDOWN: list[dict[str, Any]] = [
+    {
+        "reason": "stage: qualified",
+        "points": 30,
+        "fact": "funnel_stage",
+        "evidence": [{"message_id": "3EB0C4F1A2", "quote": "Готовы вкладывать 500 тыс «тенге»"}],
+        "manual": False,
+    },
+    {"reason": "niche: medicine", "points": 15, "fact": "niche", "evidence": [], "manual": True},
+]
+
+
 def write(
     account: uuid.UUID,
     phone: str = "77010000001",
@@ -134,7 +147,7 @@ def write(
         "qualification_complete": True,
         "score": 65,
         "interest_level": "warm",
-        "score_breakdown": [{"reason": "stage: qualified", "points": 30}],
+        "score_breakdown": BREAKDOWN,
         "messages": [{"id": message_id, "from_me": False, "text": "Здравствуйте"}],
         "analyzer": "rules" if analyzed else None,
         "llm_usage": {"prompt_tokens": 10} if analyzed else None,
@@ -259,7 +272,7 @@ async def test_upsert_then_read_back(store: ResultsStore, account: uuid.UUID) ->
     assert lead is not None
     assert lead.messages is None  # large: only when asked for
     assert (lead.contact_name, lead.business_type, lead.score) == ("Айгуль", "стоматология", 65)
-    assert lead.score_breakdown == [{"reason": "stage: qualified", "points": 30}]
+    assert lead.score_breakdown == BREAKDOWN  # evidence, Cyrillic quotes and all
     assert lead.llm_usage == {"prompt_tokens": 10}
     assert lead.source == "auto" and lead.niche == "medicine" and lead.is_medical is True
     assert lead.first_message == T0 - timedelta(days=1)

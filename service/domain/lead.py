@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from service.domain.facts import LeadFacts
-from service.domain.scoring import Score, derive
+from service.domain.scoring import Score, breakdown_json, derive
 
 # Columns a person may set by hand (PATCH / POST /dialogs/leads). Listed in
 # `manual_fields` once set, and then never overwritten by automatic analysis.
@@ -135,5 +135,5 @@ def fact_columns(facts: LeadFacts, lead_score: Score) -> dict[str, Any]:
         "qualification_complete": derived.qualification_complete,
         "score": lead_score.total,
         "interest_level": lead_score.interest_level,
-        "score_breakdown": [msgspec.to_builtins(line) for line in lead_score.breakdown],
+        "score_breakdown": breakdown_json(lead_score.breakdown),
     }

@@ -6,8 +6,13 @@ Interest: hot >= 75, warm 40-74, cold <= 39.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
+from typing import Annotated, Any
+
 import msgspec
 
+from service.domain.evidence import NO_EVIDENCE, Citations, EvidenceFact, FactEvidence
 from service.domain.facts import FunnelStage, InterestLevel, LeadFacts, Niche
 
 STAGE_BASE: dict[str, int] = {
@@ -35,8 +40,21 @@ _BOOKED_STAGES = frozenset({"consultation_booked", "consultation_completed", "de
 
 
 class ScoreLine(msgspec.Struct, frozen=True):
+    """One reason of the score: the fact it stands on and the messages behind it."""
+
     reason: str
     points: int
+    fact: Annotated[
+        EvidenceFact | None, msgspec.Meta(description="The fact the line stands on (none: clamp)")
+    ] = None
+    evidence: Annotated[
+        Citations,
+        msgspec.Meta(description="The messages behind the fact, at most three; [] when none"),
+    ] = ()
+    manual: Annotated[
+        bool,
+        msgspec.Meta(description="The fact was set by hand: no message stands behind it"),
+    ] = False
 
 
 class Score(msgspec.Struct, frozen=True, kw_only=True):
@@ -52,6 +70,26 @@ class ScoreInputs(msgspec.Struct, frozen=True, kw_only=True):
     niche: Niche = "other"
     is_owner: bool | None = None
     budget_stated: bool = False
+
+
+def breakdown_json(lines: Sequence[ScoreLine]) -> list[dict[str, Any]]:
+    """Score lines as the `score_breakdown` column holds them (JSON objects and arrays)."""
+    stored: list[dict[str, Any]] = msgspec.json.decode(msgspec.json.encode(lines))
+    return stored
+
+
+def stored_breakdown(lines: Sequence[Any] | None) -> list[ScoreLine] | None:
+    """A stored `score_breakdown` as score lines; lines of older rows (reason and points
+    only) get no fact and no evidence, and an entry that is no score line is left out."""
+    if lines is None:
+        return None
+    kept: list[ScoreLine] = []
+    for line in lines:
+        try:
+            kept.append(msgspec.convert(line, ScoreLine))
+        except msgspec.ValidationError:
+            continue
+    return kept
 
 
 def interest_for(total: int) -> InterestLevel:
@@ -71,17 +109,29 @@ def score_inputs(facts: LeadFacts) -> ScoreInputs:
     )
 
 
-def score(facts: LeadFacts | ScoreInputs) -> Score:
+def score(
+    facts: LeadFacts | ScoreInputs,
+    evidence: FactEvidence = NO_EVIDENCE,
+    manual: AbstractSet[str] = frozenset(),
+) -> Score:
+    """The score of `facts`; each line carries the evidence of its fact, none for the
+    facts in `manual` (set by hand)."""
     inputs = facts if isinstance(facts, ScoreInputs) else score_inputs(facts)
-    lines = [ScoreLine(f"stage: {inputs.funnel_stage}", STAGE_BASE[inputs.funnel_stage])]
+
+    def line(reason: str, points: int, fact: EvidenceFact) -> ScoreLine:
+        if fact in manual:
+            return ScoreLine(reason, points, fact, (), True)
+        return ScoreLine(reason, points, fact, evidence.of(fact))
+
+    lines = [line(f"stage: {inputs.funnel_stage}", STAGE_BASE[inputs.funnel_stage], "funnel_stage")]
     niche_points = NICHE_POINTS[inputs.niche]
     if niche_points:
-        lines.append(ScoreLine(f"niche: {inputs.niche}", niche_points))
+        lines.append(line(f"niche: {inputs.niche}", niche_points, "niche"))
     if inputs.is_owner:
-        lines.append(ScoreLine("decision maker: owner", OWNER_POINTS))
+        lines.append(line("decision maker: owner", OWNER_POINTS, "is_owner"))
     if inputs.budget_stated:
-        lines.append(ScoreLine("ad budget stated", BUDGET_POINTS))
-    raw = sum(line.points for line in lines)
+        lines.append(line("ad budget stated", BUDGET_POINTS, "ad_budget"))
+    raw = sum(item.points for item in lines)
     total = max(0, min(100, raw))
     if total != raw:
         lines.append(ScoreLine("clamped to 0-100", total - raw))

@@ -42,6 +42,8 @@ ORIGINAL_COLUMNS: tuple[str, ...] = (
 EXTRA_COLUMNS: tuple[str, ...] = (
     "niche",
     "score_breakdown",
+    # Not a column of the row: the first quote behind each score line (see evidence_text).
+    "score_evidence",
     "main_intent",
     "action",
     "is_medical",
@@ -60,8 +62,9 @@ _FORMULA_CHARS = frozenset("=+-@\t\r")
 
 # Per-column handling, resolved once: cells are formatted by position (this runs for every
 # row of a 100,000-row export).
-_get_cells = attrgetter(*COLUMNS)
-_kinds = {f.name: f.type for f in msgspec.structs.fields(LeadRow)}
+_EVIDENCE_AT = COLUMNS.index("score_evidence")
+_get_cells = attrgetter(*(c for c in COLUMNS if c != "score_evidence"))
+_kinds = {f.name: f.type for f in msgspec.structs.fields(LeadRow)} | {"score_evidence": str}
 _BOOL_AT = tuple(i for i, c in enumerate(COLUMNS) if _kinds[c] in (bool, bool | None))
 _TIME_AT = tuple(i for i, c in enumerate(COLUMNS) if _kinds[c] in (datetime, datetime | None))
 _TEXT_AT = tuple(i for i, c in enumerate(COLUMNS) if _kinds[c] in (str, str | None))
@@ -110,9 +113,27 @@ def breakdown_text(lines: list[dict[str, Any]] | None) -> str:
     return "; ".join(f"{line.get('reason', '')} {int(line.get('points', 0)):+d}" for line in lines)
 
 
+def evidence_text(lines: list[dict[str, Any]] | None) -> str:
+    """The first quote behind each score line, one line each, so a salesperson sees why
+    without the chat: `stage: consultation_booked: «Да, давайте завтра в 15:00»`. A fact
+    set by hand says so; a line without evidence is left out."""
+    said: list[str] = []
+    for line in lines or ():
+        if not isinstance(line, dict):
+            continue
+        reason = line.get("reason", "")
+        evidence = line.get("evidence")
+        if line.get("manual"):
+            said.append(f"{reason}: set by hand")
+        elif isinstance(evidence, list) and evidence and isinstance(evidence[0], dict):
+            said.append(f"{reason}: «{evidence[0].get('quote', '')}»")
+    return "\n".join(said)
+
+
 def row_cells(row: LeadRow) -> list[Any]:
     """The row's cells in COLUMNS order (None is written as an empty cell)."""
     cells: list[Any] = list(_get_cells(row))
+    cells.insert(_EVIDENCE_AT, neutralise(evidence_text(row.score_breakdown)))
     for i in _TEXT_AT:
         text = cells[i]
         if text and is_formula(text):

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from service.adapters.evolution.identity import PHONE_SUFFIX, normalize_phone
+from service.domain.evidence import from_breakdown
 from service.domain.facts import (
     ACTIONS,
     FUNNEL_STAGES,
@@ -74,7 +75,10 @@ def new_manual_lead(lead: NewLead, now: datetime) -> LeadRow:
         next_message=given.get("next_message") or "",
         reasoning="",
     )
-    columns = fact_columns(facts, score(facts))
+    # Every fact of a lead made by hand is the person's word: no message stands behind it
+    # (a niche taken from isMedical included).
+    by_hand = set(given) | ({"niche"} if is_medical is not None else set())
+    columns = fact_columns(facts, score(facts, manual=by_hand))
     if is_medical is not None:
         columns["is_medical"] = is_medical
     return LeadRow(
@@ -99,7 +103,8 @@ def patch_update(row: LeadRow, changes: dict[str, Any]) -> dict[str, Any]:
     manual = set(row.manual_fields) | touched
     merged = {name: changes.get(name, getattr(row, name)) for name in _FACT_FIELDS}
     facts = _facts(merged)
-    computed = score(facts)
+    # The analysis' evidence stays with the facts nobody changed by hand.
+    computed = score(facts, from_breakdown(row.score_breakdown), manual)
 
     if "score" in changes:
         total = int(changes["score"])

@@ -36,6 +36,7 @@ from service.domain.dialog import (
     apply_changes,
     merge_messages,
 )
+from service.domain.evidence import FactEvidence, confined
 from service.domain.facts import LeadFacts, empty_facts
 from service.domain.history import Cause, CauseKind
 from service.domain.lead import LeadRow, fact_columns
@@ -188,7 +189,11 @@ class Pipeline:
             self._count_tokens(exc.usage)
             raise
         facts = _apply_manual(analysis.facts, state)
-        lead_score = _final_score(facts, state)
+        # Evidence must point into the dialog the analyzer was given; whatever does not
+        # is left out and counted with what the analyzer itself could not trust.
+        evidence, outside = confined(analysis.evidence, bounded)
+        self._count_dropped(analysis.analyzer, analysis.evidence_dropped + outside)
+        lead_score = _final_score(facts, state, evidence)
         cause = Cause(kind=kind, analyzer=analysis.analyzer, model=analysis.model)
         write = _analysis_write(dialog, account, facts, lead_score, analysis, cause, notify)
         result = await self._store.upsert_analysis(write)
@@ -262,6 +267,10 @@ class Pipeline:
         m.lead_score.observe(lead_score.total)
         m.leads_by_interest.labels(lead_score.interest_level).inc()
         self._count_tokens(analysis.usage)
+
+    def _count_dropped(self, analyzer: str, dropped: int) -> None:
+        if dropped:
+            self._metrics.evidence_dropped.labels(analyzer).inc(dropped)
 
     def _count_tokens(self, usage: TokenUsage | None) -> None:
         if usage is not None:
@@ -410,8 +419,10 @@ def _apply_manual(facts: LeadFacts, state: StoredState | None) -> LeadFacts:
         return facts
 
 
-def _final_score(facts: LeadFacts, state: StoredState | None) -> Score:
-    computed = score(facts)
+def _final_score(facts: LeadFacts, state: StoredState | None, evidence: FactEvidence) -> Score:
+    # A fact set by hand is no analyzer's finding: its line shows no messages.
+    by_hand = frozenset(state.manual_fields) if state is not None else frozenset()
+    computed = score(facts, evidence, by_hand)
     if state is None or "score" not in state.manual_fields:
         return computed
     manual = state.manual_values.get("score")

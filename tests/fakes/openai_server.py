@@ -7,9 +7,11 @@
         assert fake.calls == 2 and fake.max_concurrency <= 8
 
 Replies come from, in order: the scripted queue, the handler set by `set_handler`, and by
-default a valid LeadFacts answer (the rules extractor's facts for the dialog in the prompt)
-with a usage block. `facts=lambda dialog: FIXED` answers fixed facts instead (no rules CPU
-in a benchmark).
+default a valid answer as strict mode returns it: the rules extractor's facts for the
+dialog in the prompt, with `evidence` as the numbers (`#N`) of the prompt's messages the
+rules cite, and a usage block. `facts=lambda dialog: FIXED` answers fixed facts instead
+(no rules CPU in a benchmark; evidence empty); `evidence=lambda dialog: {...}` answers
+those numbers instead (any values, invalid ones included).
 
 Like OpenAI it answers 401 to a wrong key (when `api_key` is set), 404 `model_not_found`
 to a model outside `known_models` (when set), and for its reasoning models (gpt-5*,
@@ -51,13 +53,17 @@ from aiohttp import web
 from service.adapters.analyzers.prompt import CONTINUATION, DIALOG_CLOSE, DIALOG_OPEN, MANAGER_LABEL
 from service.adapters.analyzers.rules import RulesAnalyzer
 from service.domain.dialog import Contact, Dialog, DialogMessage
+from service.domain.evidence import EVIDENCE_FACTS
 from service.domain.facts import LeadFacts
 
 CHARS_PER_TOKEN = 3.5
 CACHE_MIN_TOKENS = 1024
 CACHE_STEP_TOKENS = 128
 _REASONING_MODEL = re.compile(r"^(gpt-5|gpt-6|o\d)")
-_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d)\] (\S+): ?(.*)$")
+_LINE = re.compile(r"^#(\d+) \[(\d{4}-\d\d-\d\d \d\d:\d\d)\] (\S+): ?(.*)$")
+# The evidence of an answer without any: what strict mode returns when no message shows
+# a fact.
+NO_EVIDENCE: dict[str, list[Any]] = {fact: [] for fact in EVIDENCE_FACTS}
 
 
 class RecordedRequest(msgspec.Struct, kw_only=True):
@@ -123,8 +129,16 @@ class FakeReply(msgspec.Struct, kw_only=True):
         return cls(content=content, finish_reason=finish_reason, delay=delay)
 
     @classmethod
-    def facts(cls, facts: LeadFacts | dict[str, Any], *, delay: float = 0.0) -> FakeReply:
-        return cls(content=msgspec.json.encode(facts).decode(), delay=delay)
+    def facts(
+        cls,
+        facts: LeadFacts | dict[str, Any],
+        *,
+        evidence: dict[str, list[Any]] | None = None,
+        delay: float = 0.0,
+    ) -> FakeReply:
+        """An answer of `facts` with `evidence` (message numbers; none by default), as a
+        strict-schema answer carries both."""
+        return cls(content=answer_json(facts, evidence), delay=delay)
 
     @classmethod
     def refused(cls, refusal: str = "I can't help with that.") -> FakeReply:
@@ -133,6 +147,21 @@ class FakeReply(msgspec.Struct, kw_only=True):
 
 Handler = Callable[[RecordedRequest], "FakeReply | Awaitable[FakeReply]"]
 FactsFor = Callable[[Dialog], LeadFacts]
+EvidenceFor = Callable[[Dialog], dict[str, list[Any]]]
+
+
+def answer_json(facts: LeadFacts | dict[str, Any], evidence: dict[str, Any] | None) -> str:
+    """The answer's content: the facts' fields, then `evidence`."""
+    fields = msgspec.to_builtins(facts)
+    return msgspec.json.encode({**fields, "evidence": evidence or NO_EVIDENCE}).decode()
+
+
+def rules_answer(rules: RulesAnalyzer, dialog: Dialog) -> str:
+    """The rules' facts and their evidence as the numbers of the cited messages."""
+    facts, cited = rules.explain(dialog)
+    number = {m.id: int(m.id.rsplit("-", 1)[1]) for m in dialog.messages}
+    evidence = {fact: [number[e.message_id] for e in cited.of(fact)] for fact in EVIDENCE_FACTS}
+    return answer_json(facts, evidence)
 
 
 class FakeOpenAI:
@@ -143,6 +172,7 @@ class FakeOpenAI:
         api_key: str | None = None,
         known_models: Collection[str] | None = None,
         facts: FactsFor | None = None,
+        evidence: EvidenceFor | None = None,
         shutdown_dates: dict[str, str] | None = None,
         models_endpoint: bool = True,
         response_formats: Collection[str] | None = None,
@@ -165,6 +195,8 @@ class FakeOpenAI:
         self.in_flight = 0
         self.max_concurrency = 0
         self._facts = facts
+        self._evidence = evidence
+        self._rules = RulesAnalyzer()
         self._script: deque[FakeReply] = deque()
         self._handler: Handler | None = None
         self._ids = itertools.count(1)
@@ -364,7 +396,7 @@ class FakeOpenAI:
             )
         content = reply.content
         if content is None and reply.refusal is None:
-            content = msgspec.json.encode(self._default_facts(record)).decode()
+            content = self._default_answer(record)
         completion = self._completion(record, content, reply)
         return web.Response(
             status=reply.status,
@@ -425,36 +457,39 @@ class FakeOpenAI:
         seen = [m for m in record.messages if not (self.drops_system and m.get("role") == "system")]
         record.seen_prompt = "\n".join(str(m.get("content", "")) for m in seen)
 
-    def _default_facts(self, record: RecordedRequest) -> LeadFacts:
+    def _default_answer(self, record: RecordedRequest) -> str:
         dialog = parse_dialog(record.seen_prompt)
-        if self._facts is None:
-            self._facts = RulesAnalyzer().extract
-        return self._facts(dialog)
+        if self._facts is None and self._evidence is None:
+            return rules_answer(self._rules, dialog)
+        facts = self._facts(dialog) if self._facts is not None else self._rules.extract(dialog)
+        return answer_json(facts, self._evidence(dialog) if self._evidence else None)
 
 
 def parse_dialog(user_prompt: str) -> Dialog:
-    """The dialog back from the prompt's `<dialog>` block (continuations re-joined)."""
+    """The dialog back from the prompt's `<dialog>` block (continuations re-joined); each
+    message's id is `fake-<its number in the prompt>`."""
     start = user_prompt.find(DIALOG_OPEN)
     end = user_prompt.rfind(DIALOG_CLOSE)
     block = user_prompt[start + len(DIALOG_OPEN) : end] if 0 <= start < end else ""
-    parsed: list[tuple[datetime, bool, list[str]]] = []
+    parsed: list[tuple[int, datetime, bool, list[str]]] = []
     for line in block.split("\n"):
         if line.startswith(CONTINUATION) and parsed:
-            parsed[-1][2].append(line[len(CONTINUATION) :])
+            parsed[-1][3].append(line[len(CONTINUATION) :])
             continue
         match = _LINE.match(line)
         if match:
-            when = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M").replace(tzinfo=UTC)
-            parsed.append((when, match.group(2) == MANAGER_LABEL, [match.group(3)]))
+            when = datetime.strptime(match.group(2), "%Y-%m-%d %H:%M").replace(tzinfo=UTC)
+            number = int(match.group(1))
+            parsed.append((number, when, match.group(3) == MANAGER_LABEL, [match.group(4)]))
     messages = [
         DialogMessage(
-            id=f"fake-{i}",
+            id=f"fake-{number}",
             from_me=from_me,
             timestamp=when,
             text="\n".join(parts),
             type="conversation",
         )
-        for i, (when, from_me, parts) in enumerate(parsed)
+        for number, when, from_me, parts in parsed
     ]
     return Dialog(
         instance="fake",

@@ -7,6 +7,7 @@ from typing import Protocol
 import msgspec
 
 from service.domain.dialog import Dialog
+from service.domain.evidence import NO_EVIDENCE, FactEvidence
 from service.domain.facts import LeadFacts
 
 
@@ -28,6 +29,11 @@ class AnalysisResult(msgspec.Struct, kw_only=True):
     analyzer: str
     model: str | None = None
     usage: TokenUsage | None = None
+    # The messages behind the facts the score stands on, from the dialog analysed.
+    evidence: FactEvidence = NO_EVIDENCE
+    # Citations the analyzer was given but could not trust (a model's index outside the
+    # dialog it was sent, or at a message without text): left out, counted.
+    evidence_dropped: int = 0
 
 
 class AnalyzerUnavailableError(Exception):

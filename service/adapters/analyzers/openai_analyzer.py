@@ -22,7 +22,7 @@ import email.utils
 import random
 import re
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 from loguru import logger
@@ -35,10 +35,12 @@ from service.adapters.analyzers.base import (
     AnalyzerUnavailableError,
     TokenUsage,
 )
-from service.adapters.analyzers.prompt import build_prompt
+from service.adapters.analyzers.cited import decode_loose, read_evidence, split_answer
+from service.adapters.analyzers.prompt import Prompt, build_prompt
 from service.adapters.analyzers.request_shape import RequestShape
 from service.config import Settings
 from service.domain.dialog import Dialog
+from service.domain.evidence import FactEvidence
 from service.domain.facts import LeadFacts
 from service.logs import contact_hash, contact_hash_key, keyed_contact_hash
 
@@ -62,6 +64,8 @@ class FactsExtractor(Protocol):
     """Synchronous facts extraction without a model (the rules analyzer)."""
 
     def extract(self, dialog: Dialog) -> LeadFacts: ...
+
+    def explain(self, dialog: Dialog) -> tuple[LeadFacts, FactEvidence]: ...
 
 
 class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
@@ -163,21 +167,34 @@ class OpenAIAnalyzer:
         model = self._model
         for attempt in (1, 2):
             try:
-                completion = await self._complete(dialog, cache_key, usage, log)
+                completion, prompt = await self._complete(dialog, cache_key, usage, log)
             except _DialogRejected as exc:
                 log.warning("OpenAI rejected this dialog ({}); using the rules facts", exc)
                 break
             model = completion.model or model
             try:
-                facts = decode_answer(completion)
+                facts, raw_evidence = decode_answer(completion)
             except _UnusableAnswer as exc:
                 log.warning("unusable OpenAI answer on attempt {}: {}", attempt, exc)
                 continue
-            return AnalysisResult(facts=facts, analyzer="openai", model=model, usage=usage)
+            # Numbers name lines of the prompt this answer was given; only those count.
+            evidence, dropped = read_evidence(raw_evidence, facts, dialog, prompt.shown)
+            if dropped:
+                log.info("{} evidence numbers outside the dialog sent were dropped", dropped)
+            return AnalysisResult(
+                facts=facts,
+                analyzer="openai",
+                model=model,
+                usage=usage,
+                evidence=evidence,
+                evidence_dropped=dropped,
+            )
         else:
             log.warning("OpenAI answer unusable twice; using the rules facts")
-        facts = self._fallback.extract(dialog)
-        return AnalysisResult(facts=facts, analyzer="rules-fallback", model=model, usage=usage)
+        facts, evidence = self._fallback.explain(dialog)
+        return AnalysisResult(
+            facts=facts, analyzer="rules-fallback", model=model, usage=usage, evidence=evidence
+        )
 
     async def close(self) -> None:
         await self._client.close()
@@ -209,8 +226,9 @@ class OpenAIAnalyzer:
 
     async def _complete(
         self, dialog: Dialog, cache_key: str, usage: TokenUsage, log: Logger
-    ) -> ChatCompletion:
-        """One completion, retried on transient failures; usage accumulates per call."""
+    ) -> tuple[ChatCompletion, Prompt]:
+        """One completion and the prompt it answers, retried on transient failures; usage
+        accumulates per call."""
         retry = 0
         while True:
             shape = self._shape
@@ -244,7 +262,7 @@ class OpenAIAnalyzer:
                 failure = _Transient(f"connection error: {exc.__cause__ or exc}")
             else:
                 add_usage(usage, completion)
-                return completion
+                return completion, prompt
 
             if retry >= self._max_retries:
                 raise AnalyzerUnavailableError(
@@ -315,8 +333,9 @@ def _param(exc: APIStatusError) -> str | None:
     return None
 
 
-def decode_answer(completion: ChatCompletion) -> LeadFacts:
-    """The facts in the completion's first choice, or `_UnusableAnswer` saying why not."""
+def decode_answer(completion: ChatCompletion) -> tuple[LeadFacts, Any]:
+    """The facts in the completion's first choice and its evidence as given (unchecked),
+    or `_UnusableAnswer` saying why not."""
     if not completion.choices:
         raise _UnusableAnswer("no choices")
     choice = completion.choices[0]
@@ -330,7 +349,7 @@ def decode_answer(completion: ChatCompletion) -> LeadFacts:
     if not content:
         raise _UnusableAnswer("empty answer")
     try:
-        return msgspec.json.decode(content, type=LeadFacts)
+        return split_answer(decode_loose(content))
     except msgspec.ValidationError as exc:
         # The path only: values may quote the dialog.
         logger.debug("schema violation in OpenAI answer: {}", exc)

@@ -27,6 +27,7 @@ import msgspec
 from service.adapters.analyzers import rules_lexicon as lx
 from service.adapters.analyzers.base import AnalysisResult, AnalyzerUnavailableError
 from service.domain.dialog import Dialog, DialogMessage
+from service.domain.evidence import Citations, Evidence, FactEvidence, cite, fact_evidence
 from service.domain.facts import Action, FunnelStage, LeadFacts, MainIntent, Niche
 
 Lang = Literal["ru", "en"]
@@ -70,11 +71,41 @@ class _Msg:
     """One cleaned message. Its cues are matched lazily: each pattern at most once per
     message and only when a rule asks, which keeps long dialogs cheap."""
 
-    def __init__(self, index: int, from_me: bool, raw: str, text: str) -> None:
+    def __init__(
+        self,
+        index: int,
+        from_me: bool,
+        raw: str,
+        text: str,
+        *,
+        source: DialogMessage,
+        shift: int | None,
+    ) -> None:
         self.index = index
         self.from_me = from_me
         self.raw = raw  # cleaned text, case kept (for quoting the client's own words)
         self.text = text  # normalised: lower case, `ё` → `е`
+        self.source = source  # the message as analysed (its id and text cite it)
+        # source.text[i + shift] is text[i] (None: cleaning moved characters around).
+        self.shift = shift
+
+    def cite(self, *patterns: lx.Matcher) -> Evidence | None:
+        """Evidence quoting this message where the first of `patterns` matches (from its
+        start when none does)."""
+        for pattern in patterns:
+            found = pattern.search(self.text)
+            if found is not None:
+                return self.cite_span(found.start(), found.end())
+        return cite(self.source)
+
+    def cite_span(self, start: int, end: int) -> Evidence | None:
+        """Evidence quoting around text[start:end], placed in the original text."""
+        if self.shift is not None:
+            return cite(self.source, start + self.shift, end + self.shift)
+        needle = self.text[start:end]
+        folded = normalise(self.source.text)
+        at = folded.find(needle) if needle and len(folded) == len(self.source.text) else -1
+        return cite(self.source, at, at + len(needle)) if at >= 0 else cite(self.source)
 
     def has(self, pattern: lx.Matcher) -> bool:
         return pattern.search(self.text) is not None
@@ -128,6 +159,9 @@ class _Msg:
 class _Money(msgspec.Struct, frozen=True):
     phrase: str  # the client's own words, e.g. "где-то 400 тыс тг"
     usd: float  # rough value, only to spot a budget far too small
+    start: int = 0  # where the amount is in the text it was found in
+    end: int = 0
+    proof: Citations = ()
 
 
 class _Niche(msgspec.Struct, frozen=True):
@@ -137,17 +171,20 @@ class _Niche(msgspec.Struct, frozen=True):
     job_seeker: bool
     not_business: bool
     evidence: str | None  # the message that made the contact a targetologist / job seeker
+    proof: Citations = ()  # the messages that tell the niche
 
 
 class _Event(msgspec.Struct, frozen=True):
     kind: EventKind
     quote: str
+    at: int  # index of the message
 
 
 class _Stage(msgspec.Struct, frozen=True):
     stage: FunnelStage
     why: str
     quote: str | None
+    proof: Citations = ()
 
 
 # -- preparation ------------------------------------------------------------------------------
@@ -172,13 +209,20 @@ def _strip_injections(text: str) -> str:
 def prepare(messages: Sequence[DialogMessage]) -> list[_Msg]:
     out: list[_Msg] = []
     for message in messages:
-        raw = _strip_injections(message.text.translate(_CHAR_MAP)).strip()
+        mapped = message.text.translate(_CHAR_MAP)
+        cleaned = _strip_injections(mapped)
+        raw = cleaned.strip()
         if not raw:
             continue
         text = raw.lower()
+        # Spans index the original text where cleaning only cut leading blanks.
+        shift: int | None = len(mapped) - len(mapped.lstrip())
+        if cleaned is not mapped:
+            shift = None
         if len(text) != len(raw):  # a rare case-folding that changes length: spans must agree
             raw = text
-        out.append(_Msg(len(out), message.from_me, raw, text))
+            shift = None
+        out.append(_Msg(len(out), message.from_me, raw, text, source=message, shift=shift))
     return out
 
 
@@ -202,17 +246,31 @@ def _last_manager_before(msgs: Sequence[_Msg], index: int) -> _Msg | None:
 
 def _score_terms(
     text: str, terms: Sequence[tuple[lx.Matcher, int, str, str]], lang: Lang
-) -> tuple[int, str | None]:
-    """Sum of the weights of the terms found, and the label of the heaviest one."""
+) -> tuple[int, str | None, lx.Matcher | None]:
+    """Sum of the weights of the terms found, and the label and pattern of the heaviest."""
     total = 0
     label: str | None = None
+    heaviest: lx.Matcher | None = None
     best = 0
     for pattern, weight, ru, en in terms:
         if _hit(pattern, text):
             total += weight
             if weight > best:
-                best, label = weight, ru if lang == "ru" else en
-    return total, label
+                best, label, heaviest = weight, ru if lang == "ru" else en, pattern
+    return total, label, heaviest
+
+
+def _first_citing(msgs: Sequence[_Msg], pattern: lx.Matcher | None) -> Citations:
+    """The first of `msgs` where `pattern` matches, cited there."""
+    if pattern is None:
+        return ()
+    found = next((m for m in msgs if m.has(pattern)), None)
+    cited = found.cite(pattern) if found is not None else None
+    return () if cited is None else (cited,)
+
+
+def _cited(*items: Evidence | None) -> Citations:
+    return tuple(item for item in items if item is not None)
 
 
 def _targetologist_evidence(client: Sequence[_Msg], said: str, owner_claim: bool) -> _Msg | None:
@@ -267,28 +325,40 @@ def _niche(msgs: Sequence[_Msg], said: str, lang: Lang) -> _Niche:
             job_seeker=job_seeker is not None,
             not_business=not_business,
             evidence=target.quote(),
+            proof=_cited(target.cite(lx.TARGETOLOGIST_SELF, lx.JOB_SEEKER, lx.TARGETOLOGIST_OFFER)),
         )
-    med, med_label = _score_terms(joined, lx.MEDICINE_TERMS, lang)
-    info, info_label = _score_terms(joined, lx.INFO_TERMS, lang)
+    cited_in = client
+    med, med_label, med_term = _score_terms(joined, lx.MEDICINE_TERMS, lang)
+    info, info_label, info_term = _score_terms(joined, lx.INFO_TERMS, lang)
     if med == 0 and info == 0:
         recaps = _manager_recaps(msgs)
-        med, med_label = _score_terms(recaps, lx.MEDICINE_TERMS, lang)
-        info, info_label = _score_terms(recaps, lx.INFO_TERMS, lang)
-    other_label = next(
-        ((ru if lang == "ru" else en) for p, ru, en in lx.OTHER_BUSINESS if _hit(p, joined)),
+        med, med_label, med_term = _score_terms(recaps, lx.MEDICINE_TERMS, lang)
+        info, info_label, info_term = _score_terms(recaps, lx.INFO_TERMS, lang)
+        cited_in = [m for m in msgs if m.from_me]
+    other = next(
+        (((ru if lang == "ru" else en), p) for p, ru, en in lx.OTHER_BUSINESS if _hit(p, joined)),
         None,
     )
+    other_label = other[0] if other else None
     niche: Niche = "other"
     business_type = other_label
+    proof: Citations = ()
     # An online programme beats medical words (a nutritionist selling a course is
     # infobusiness); medicine needs more than a lone "doctor" or "patients".
     if info >= 3 and info > med:
         niche, business_type = "infobusiness", info_label
+        proof = _first_citing(cited_in, info_term)
     elif med >= 2:
         niche, business_type = "medicine", med_label
+        proof = _first_citing(cited_in, med_term)
     elif info >= 2:
         niche, business_type = "infobusiness", info_label
+        proof = _first_citing(cited_in, info_term)
+    elif other is not None:
+        proof = _first_citing(client, other[1])
     seeker = job_seeker is not None and niche == "other" and not owner_claim
+    if seeker and job_seeker is not None:
+        proof = _cited(job_seeker.cite(lx.JOB_SEEKER))
     return _Niche(
         niche=niche,
         business_type=None if seeker else business_type,
@@ -296,6 +366,7 @@ def _niche(msgs: Sequence[_Msg], said: str, lang: Lang) -> _Niche:
         job_seeker=seeker,
         not_business=not_business and niche == "other",
         evidence=job_seeker.quote() if seeker and job_seeker is not None else None,
+        proof=proof,
     )
 
 
@@ -320,16 +391,20 @@ def _says_my_business(text: str) -> bool:
     return False
 
 
-def _owner(msgs: Sequence[_Msg], targetologist: bool) -> bool | None:
+def _owner(msgs: Sequence[_Msg], targetologist: bool) -> tuple[bool | None, Citations]:
     """Explicit "не моя"/"наёмный" > an owner noun said of oneself > a non-owner role >
-    weaker claims ("у меня ...", "мой", "да" to "вы владелец?")."""
+    weaker claims ("у меня ...", "мой", "да" to "вы владелец?"). Also the messages that
+    decided it (the first of the deciding kind)."""
     strong = weak = negative = explicit_negative = False
+    # The first messages of each kind (evidence only: the flags alone decide).
+    proof: dict[str, Citations] = {}
     for m in msgs:
         if m.from_me:
             continue
         text = m.text
         if m.has(lx.OWNER_NEGATION):
             explicit_negative = True
+            proof.setdefault("explicit", _cited(m.cite(lx.OWNER_NEGATION)))
         # "она владелица", "собственник поручил" are about somebody else.
         # "мой руководитель" claims nothing.
         own_words = lx.NOT_OWNER_FOLLOWERS.sub(" ", text)
@@ -338,12 +413,16 @@ def _owner(msgs: Sequence[_Msg], targetologist: bool) -> bool | None:
         noun = lx.OWNER_NOUN.search(own_words) if m.has(lx.OWNER_NOUN) else None
         if noun and not _hit(lx.ENDS_WITH_NOT, own_words[: noun.start()]):
             strong = True
+            proof.setdefault("strong", _cited(m.cite(lx.OWNER_NOUN)))
         if m.has(lx.OWNER_CLAIM) and _hit(lx.OWNER_CLAIM, own_words):
             weak = True
+            proof.setdefault("weak", _cited(m.cite(lx.OWNER_CLAIM)))
         if m.has(lx.HAS_MY) and _says_my_business(own_words):
             weak = True
+            proof.setdefault("weak", _cited(m.cite(lx.HAS_MY)))
         if m.has(lx.NON_OWNER_ROLE):
             negative = True
+            proof.setdefault("negative", _cited(m.cite(lx.NON_OWNER_ROLE)))
         question = _last_manager_before(msgs, m.index)
         if question is None or question.index < m.index - 2:
             continue
@@ -351,17 +430,27 @@ def _owner(msgs: Sequence[_Msg], targetologist: bool) -> bool | None:
             # "Вы владелец?" - "Да" is a claim; "Решает руководитель?" - "Да" is not.
             if question.owner_question_you:
                 weak = True
+                proof.setdefault(
+                    "weak", _cited(question.cite(lx.OWNER_QUESTION_2P), m.cite(lx.AFFIRMATIVE))
+                )
             elif question.owner_question_other:
                 negative = True
+                proof.setdefault(
+                    "negative",
+                    _cited(question.cite(lx.OWNER_QUESTION_3P), m.cite(lx.AFFIRMATIVE)),
+                )
         elif question.owner_question_you and _hit(lx.NEGATIVE_START, text):
             negative = True
+            proof.setdefault(
+                "negative", _cited(question.cite(lx.OWNER_QUESTION_2P), m.cite(lx.NEGATIVE_START))
+            )
     if explicit_negative:
-        return False
+        return False, proof["explicit"]
     if strong:
-        return True
+        return True, proof["strong"]
     if negative or targetologist:
-        return False
-    return True if weak else None
+        return False, proof.get("negative", ())
+    return (True, proof["weak"]) if weak else (None, ())
 
 
 # -- budget ---------------------------------------------------------------------------------
@@ -422,14 +511,28 @@ def _money_in(text: str, raw: str, budget_question: bool, lang: Lang) -> list[_M
         value *= _table_value(lx.MULTIPLIERS, mult) or 1.0
         rate = _table_value(lx.CURRENCY_USD, cur) or _table_value(lx.CURRENCY_USD, mult)
         phrase = raw[match.start() : match.end()].strip(" ,.;")
-        found.append(_Money(phrase=phrase, usd=value * (rate or default_rate)))
+        found.append(
+            _Money(
+                phrase=phrase,
+                usd=value * (rate or default_rate),
+                start=match.start(),
+                end=match.end(),
+            )
+        )
     for match in lx.WORD_MONEY.finditer(text):
         words = match.group("words").split()
         first = words[1] if words[0] in ("тысяч", "тыщ") else words[0]  # "тысяч сорок"
         value = 500e3 if first.startswith("пол") else lx.WORD_VALUES.get(first, 0.0)
         rate = _table_value(lx.CURRENCY_USD, match.group("cur"))
         phrase = raw[match.start() : match.end()].strip(" ,.;")
-        found.append(_Money(phrase=phrase, usd=value * (rate or default_rate)))
+        found.append(
+            _Money(
+                phrase=phrase,
+                usd=value * (rate or default_rate),
+                start=match.start(),
+                end=match.end(),
+            )
+        )
     return found
 
 
@@ -446,7 +549,13 @@ def _budget(msgs: Sequence[_Msg], lang: Lang) -> _Money | None:
             continue
         money = _money_in(m.text, m.raw, asked, lang)
         if money:
-            return money[0]
+            first = money[0]
+            cited = m.cite_span(first.start, first.end)
+            if asked and question is not None and not m.has(lx.BUDGET_WORDS):
+                # A bare answer ("200") means little without the question it answers.
+                cited_question = question.cite(lx.BUDGET_QUESTION)
+                return msgspec.structs.replace(first, proof=_cited(cited_question, cited))
+            return msgspec.structs.replace(first, proof=_cited(cited))
     return _recapped_budget(msgs, lang)
 
 
@@ -462,7 +571,10 @@ def _recapped_budget(msgs: Sequence[_Msg], lang: Lang) -> _Money | None:
             tail_text, tail_raw = m.text[word.end() :], m.raw[word.end() :]
             money = _money_in(tail_text[:40], tail_raw[:40], False, lang)
             if money and tail_text.find(money[0].phrase.lower()) <= 12:
-                return money[0]
+                first = money[0]
+                said = m.cite_span(word.end() + first.start, word.end() + first.end)
+                confirmed = reply.cite(lx.RECAP_CONFIRM)
+                return msgspec.structs.replace(first, proof=_cited(said, confirmed))
     return None
 
 
@@ -527,8 +639,23 @@ def _events(msgs: Sequence[_Msg]) -> list[_Event]:
             kinds.append("closed")
         if m.lost:  # last: within one message a refusal wins
             kinds.append("lost")
-        events.extend(_Event(kind=kind, quote=m.quote()) for kind in kinds)
+        events.extend(_Event(kind=kind, quote=m.quote(), at=i) for kind in kinds)
     return events
+
+
+# Where in its message each event is said (the quote is cut around it).
+_EVENT_CUES: Mapping[str, tuple[lx.Matcher, ...]] = MappingProxyType(
+    {
+        "booked": (lx.BOOKING_REMINDER, lx.TIME_DIGITS, lx.TIME_WORDS, lx.BOOKING_CONFIRM),
+        "completed": (lx.COMPLETED,),
+        "closed": (lx.PAID_MANAGER, lx.PAID_CLIENT),
+        "lost": (lx.LOST_MANAGER, lx.LOST_CLIENT),
+    }
+)
+
+
+def _event_proof(msgs: Sequence[_Msg], event: _Event) -> Citations:
+    return _cited(msgs[event.at].cite(*_EVENT_CUES[event.kind]))
 
 
 def _walk(events: Sequence[_Event]) -> _Event | None:
@@ -554,21 +681,42 @@ def _answers_price(msgs: Sequence[_Msg], i: int) -> bool:
 def _not_a_fit(msgs: Sequence[_Msg], niche: _Niche, budget: _Money | None) -> _Stage | None:
     """not_qualified for who the contact is (not for refusing to answer)."""
     if niche.niche == "targetologist":
-        return _Stage(stage="not_qualified", why="targetologist", quote=niche.evidence)
+        return _Stage(
+            stage="not_qualified", why="targetologist", quote=niche.evidence, proof=niche.proof
+        )
     if niche.job_seeker:
-        return _Stage(stage="not_qualified", why="job_seeker", quote=niche.evidence)
+        return _Stage(
+            stage="not_qualified", why="job_seeker", quote=niche.evidence, proof=niche.proof
+        )
     if niche.not_business:
-        return _Stage(stage="not_qualified", why="not_business", quote=None)
+        client = [m for m in msgs if not m.from_me]
+        return _Stage(
+            stage="not_qualified",
+            why="not_business",
+            quote=None,
+            proof=_first_citing(client, lx.NOT_BUSINESS),
+        )
     if budget is not None and budget.usd < lx.TOO_SMALL_USD:
-        return _Stage(stage="not_qualified", why="too_small", quote=budget.phrase)
+        return _Stage(
+            stage="not_qualified", why="too_small", quote=budget.phrase, proof=budget.proof
+        )
     declined = next((m for m in msgs if m.from_me and m.has(lx.NOT_FIT_MANAGER)), None)
     if declined is not None:
-        return _Stage(stage="not_qualified", why="manager_not_fit", quote=declined.quote())
+        return _Stage(
+            stage="not_qualified",
+            why="manager_not_fit",
+            quote=declined.quote(),
+            proof=_cited(declined.cite(lx.NOT_FIT_MANAGER)),
+        )
     return None
 
 
 def _stage(
-    msgs: Sequence[_Msg], niche: _Niche, is_owner: bool | None, budget: _Money | None
+    msgs: Sequence[_Msg],
+    niche: _Niche,
+    is_owner: bool | None,
+    budget: _Money | None,
+    owner_proof: Citations = (),
 ) -> _Stage:
     """Events first (a booking or a deal outweighs who the contact is), then fit, an
     explicit refusal, silence after "дорого", and finally how much is qualified."""
@@ -577,20 +725,39 @@ def _stage(
         return _Stage(stage="new_lead", why="no_client", quote=None)
     last = _walk(_events(msgs))
     if last is not None and last.kind != "lost":
-        return _Stage(stage=_EVENT_STAGE[last.kind], why=last.kind, quote=last.quote)
+        return _Stage(
+            stage=_EVENT_STAGE[last.kind],
+            why=last.kind,
+            quote=last.quote,
+            proof=_event_proof(msgs, last),
+        )
     unfit = _not_a_fit(msgs, niche, budget)
     if unfit is not None:
         return unfit
     if last is not None:
-        return _Stage(stage="deal_lost", why="lost", quote=last.quote)
+        return _Stage(
+            stage="deal_lost", why="lost", quote=last.quote, proof=_event_proof(msgs, last)
+        )
     refusal = next((m for m in client if m.has(lx.REFUSAL)), None)
     if refusal is not None and budget is None:
-        return _Stage(stage="not_qualified", why="refused", quote=refusal.quote())
+        return _Stage(
+            stage="not_qualified",
+            why="refused",
+            quote=refusal.quote(),
+            proof=_cited(refusal.cite(lx.REFUSAL)),
+        )
     final = client[-1]
     if final.has(lx.PRICE_OBJECTION) and _answers_price(msgs, final.index):
-        return _Stage(stage="deal_lost", why="silent_after_price", quote=final.quote())
+        return _Stage(
+            stage="deal_lost",
+            why="silent_after_price",
+            quote=final.quote(),
+            proof=_cited(final.cite(lx.PRICE_OBJECTION)),
+        )
     if niche.business_known and is_owner is not None and budget is not None:
-        return _Stage(stage="qualified", why="qualified", quote=None)
+        # Qualified by what is known: the niche, the role and the budget, where said.
+        proof = (*niche.proof, *owner_proof, *budget.proof)
+        return _Stage(stage="qualified", why="qualified", quote=None, proof=proof)
     return _Stage(stage="new_lead", why="new_lead", quote=None)
 
 
@@ -845,16 +1012,20 @@ class RulesAnalyzer:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def extract(self, dialog: Dialog) -> LeadFacts:
+        return self.explain(dialog)[0]
+
+    def explain(self, dialog: Dialog) -> tuple[LeadFacts, FactEvidence]:
+        """The facts and the messages behind the ones the score stands on."""
         msgs = prepare(dialog.messages)
         # Everything the client wrote: patterns that rarely match are tried here once
         # before message by message.
         said = " \n ".join(m.text for m in msgs if not m.from_me)
         lang = _language(msgs)
         niche = _niche(msgs, said, lang)
-        is_owner = _owner(msgs, niche.niche == "targetologist")
+        is_owner, owner_proof = _owner(msgs, niche.niche == "targetologist")
         budget = _budget(msgs, lang)
-        stage = _stage(msgs, niche, is_owner, budget)
-        return LeadFacts(
+        stage = _stage(msgs, niche, is_owner, budget, owner_proof)
+        facts = LeadFacts(
             niche=niche.niche,
             business_type=niche.business_type,
             is_owner=is_owner,
@@ -871,18 +1042,27 @@ class RulesAnalyzer:
             next_message=_next_message(stage, niche, is_owner, lang),
             reasoning=_reasoning(stage, niche, is_owner, budget, lang),
         )
+        evidence = fact_evidence(
+            {
+                "funnel_stage": stage.proof,
+                "niche": niche.proof,
+                "is_owner": owner_proof,
+                "ad_budget": budget.proof if budget else (),
+            }
+        )
+        return facts, evidence
 
     async def analyze(self, dialog: Dialog) -> AnalysisResult:
         if self._pool is None:  # threads start on first use (many analyzers never run)
             self._pool = concurrent.futures.ThreadPoolExecutor(self._workers, "rules-analyzer")
-        work = asyncio.get_running_loop().run_in_executor(self._pool, self.extract, dialog)
+        work = asyncio.get_running_loop().run_in_executor(self._pool, self.explain, dialog)
         try:
-            facts = await asyncio.wait_for(work, self._timeout)
+            facts, evidence = await asyncio.wait_for(work, self._timeout)
         except TimeoutError:
             raise AnalyzerUnavailableError(
                 f"rules analysis took longer than {self._timeout:g} s (ANALYSIS_TIMEOUT)"
             ) from None
-        return AnalysisResult(facts=facts, analyzer=self.name, usage=None)
+        return AnalysisResult(facts=facts, analyzer=self.name, usage=None, evidence=evidence)
 
     async def close(self) -> None:
         """Let the worker threads go (a running analysis finishes first)."""

@@ -1,11 +1,12 @@
-"""The strict JSON schema of `LeadFacts` for Chat Completions Structured Outputs.
+"""The strict JSON schema of the model's answer for Chat Completions Structured Outputs.
 
-Generated from the msgspec type, so the schema and the decoder can never disagree, then
-reshaped into the subset OpenAI's strict mode accepts: every object lists all its
-properties in `required` and sets `additionalProperties: false`, references are inlined,
-nullable values become type lists, string enums carry `"type": "string"`, and every field
-gets a description (kept below, next to the schema).
-"""
+The answer is `LeadFacts` plus `evidence`: per fact the score stands on, the numbers of
+the messages (as numbered in the prompt) that show it. Generated from the msgspec types,
+so the schema and the facts decoder can never disagree, then reshaped into the subset
+OpenAI's strict mode accepts: every object lists all its properties in `required` and
+sets `additionalProperties: false`, references are inlined, nullable values become type
+lists, string enums carry `"type": "string"`, and every field gets a description (kept
+below, next to the schema)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,24 @@ from typing import Any
 import msgspec
 from openai.types.shared_params.response_format_json_schema import ResponseFormatJSONSchema
 
+from service.domain.evidence import EVIDENCE_FACTS
 from service.domain.facts import LeadFacts
+
+
+class FactIndexes(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Message numbers (the prompt's `#N`) behind each fact the score stands on."""
+
+    funnel_stage: list[int]
+    niche: list[int]
+    is_owner: list[int]
+    ad_budget: list[int]
+
+
+class LeadAnswer(LeadFacts, kw_only=True, forbid_unknown_fields=True):
+    """What the model returns: the facts, then the evidence for them."""
+
+    evidence: FactIndexes
+
 
 SCHEMA_NAME = "lead_facts"
 SCHEMA_DESCRIPTION = "Lead facts extracted from one WhatsApp sales dialog."
@@ -75,6 +93,16 @@ FIELD_DESCRIPTIONS: dict[str, str] = {
         "moving the lead one step further."
     ),
     "reasoning": "Why these facts and this stage, in two or three sentences.",
+    "evidence": (
+        "For each fact the numbers N of the dialog's messages (#N) that show it, at most "
+        "three, most telling first; [] when none does or the fact is null."
+    ),
+}
+EVIDENCE_DESCRIPTIONS: dict[str, str] = {
+    "funnel_stage": "Messages that show the stage (e.g. where the meeting was agreed).",
+    "niche": "Messages where the client's business is named.",
+    "is_owner": "Messages where the client's role is told.",
+    "ad_budget": "Messages where the budget was named.",
 }
 
 # Keywords strict mode accepts in the shapes this schema uses; anything else is an error
@@ -102,7 +130,7 @@ def lead_facts_schema_json() -> bytes:
 
 
 def _build_schema() -> dict[str, Any]:
-    generated = msgspec.json.schema(LeadFacts)
+    generated = msgspec.json.schema(LeadAnswer)
     defs: dict[str, Any] = generated.get("$defs", {})
     root = _strict(generated, defs, seen=())
     if root.get("type") != "object":
@@ -113,6 +141,11 @@ def _build_schema() -> dict[str, Any]:
         raise SchemaError(f"fields without a description: {sorted(missing)}")
     for name, prop in props.items():
         prop["description"] = FIELD_DESCRIPTIONS[name]
+    cited: dict[str, Any] = props["evidence"]["properties"]
+    if set(cited) != set(EVIDENCE_FACTS) or set(cited) != set(EVIDENCE_DESCRIPTIONS):
+        raise SchemaError("the evidence must name exactly the facts a score stands on")
+    for name, prop in cited.items():
+        prop["description"] = EVIDENCE_DESCRIPTIONS[name]
     # The type's docstring speaks to developers; the model gets its own line.
     root["description"] = SCHEMA_DESCRIPTION
     return root

@@ -95,7 +95,7 @@ async def _bench(args: argparse.Namespace) -> int:
                 dotenv=None,
             )
             setup_logging(settings)
-            async with app_context(settings, publisher=True, hot_leads=True) as ctx:
+            async with app_context(settings, publisher=True) as ctx:
                 await ctx.require_store().add_instance("bench", uuid.uuid4())
                 consumer = ContactConsumer(ctx)
                 await consumer.start()

@@ -88,7 +88,6 @@ class _Contact:
     timer: asyncio.TimerHandle | None = None
     running: bool = False
     due: bool = False  # the quiet period ended while an analysis was running
-    renotify: bool = False  # a retried or redelivered event: resend a lost lead.hot
 
 
 class ContactConsumer:
@@ -132,8 +131,6 @@ class ContactConsumer:
         self._stopping = False
         self._resolver = ContactResolver(ctx.reader, pairs=self._store)
         self.analyses_started = 0  # for tests and metrics: pipeline runs begun
-        if ctx.hot_leads is not None:
-            ctx.hot_leads.bind(self._publish)
 
     @property
     def shards(self) -> list[int]:
@@ -344,7 +341,6 @@ class ContactConsumer:
             await _ack(message)
             return
         delivery = _Delivery(message=message, parts=len(groups), attempt=attempt)
-        again = attempt > 0 or bool(message.redelivered)
         now = time.monotonic()
         for key, events in groups.items():
             contact = self._contacts.get(key)
@@ -353,7 +349,6 @@ class ContactConsumer:
                 contact = self._contacts[key] = _Contact(key[0], key[1], shard, first_at=now)
             if not contact.events:
                 contact.first_at = now
-            contact.renotify = contact.renotify or again
             for event in events:
                 # A message and its edit or delete are different events.
                 contact.events[event.idempotency_key] = event
@@ -450,11 +445,9 @@ class ContactConsumer:
         contact.due = False
         events = list(contact.events.values())
         deliveries = contact.deliveries
-        renotify = contact.renotify
         contact.events = {}
         contact.deliveries = []
-        contact.renotify = False
-        task = asyncio.create_task(self._process(key, contact, events, deliveries, renotify))
+        task = asyncio.create_task(self._process(key, contact, events, deliveries))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -465,7 +458,6 @@ class ContactConsumer:
         contact: _Contact,
         events: list[QueuedEvent],
         deliveries: list[_Delivery],
-        renotify: bool,
     ) -> None:
         instance, phone_jid = key
         phone = phone_jid.split("@", 1)[0]
@@ -473,7 +465,7 @@ class ContactConsumer:
         try:
             async with self._semaphore:
                 self.analyses_started += 1
-                ok = await self._analyze(instance, phone, events, deliveries, renotify)
+                ok = await self._analyze(instance, phone, events, deliveries)
         finally:
             for delivery in deliveries:
                 self._settle(delivery, ok)
@@ -494,7 +486,6 @@ class ContactConsumer:
         phone: str,
         events: list[QueuedEvent],
         deliveries: list[_Delivery],
-        renotify: bool,
     ) -> bool:
         """Run the pipeline; on failure hand the events to the retry path. True = settled."""
         log = logger.bind(instance=instance, contact_hash=contact_hash(phone))
@@ -516,7 +507,6 @@ class ContactConsumer:
                 contact_name=_push_name(events),
                 edits=edits,
                 deleted=deleted,
-                renotify=renotify,
             )
             log.info("contact processed: {}", outcome.outcome, score=outcome.score)
             return True

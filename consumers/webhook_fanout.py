@@ -31,7 +31,8 @@ from service.adapters.webhooks_out.envelope import (
     carried_headers,
 )
 from service.config import Settings
-from service.domain.webhooks import EVENT_TYPES, decode_head, retry_tier, webhook_id
+from service.domain.events import EVENT_TYPES
+from service.domain.webhooks import decode_head, retry_tier, webhook_id
 from service.metrics import Metrics
 
 _PAUSE = 1.0  # seconds before a delivery that could not be published is returned

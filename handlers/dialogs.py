@@ -18,6 +18,7 @@ from loguru import logger
 
 from handlers.app_context import CTX, context
 from handlers.http_errors import ApiError, decode_body, json_response, parse_query, path_uuid
+from handlers.principal import principal_ref
 from handlers.rest_models import (
     AccountParams,
     AnalysisListParams,
@@ -27,6 +28,10 @@ from handlers.rest_models import (
     DeleteResponse,
     Endpoint,
     ExportParams,
+    FunnelParams,
+    FunnelResponse,
+    HistoryParams,
+    HistoryResponse,
     LeadCreateBody,
     LeadPatchBody,
     LeadResponse,
@@ -35,6 +40,7 @@ from handlers.rest_models import (
     lead_out,
 )
 from service.adapters.stores.base import DuplicateLeadError, ResultsStore
+from service.domain.history import FUNNEL_ORDER, manual_cause
 from service.domain.lead import LeadRow
 from service.usecases.backfill import BackfillOptions, run_backfill
 from service.usecases.csv_export import csv_chunks
@@ -159,7 +165,7 @@ async def create_lead(request: web.Request) -> web.Response:
     await _require_instance(store, body.instance_name, body.user_account_id)
     row = new_manual_lead(body.new_lead(phone), datetime.now(UTC))
     try:
-        created = await store.create_lead(row)
+        created = await store.create_lead(row, manual_cause(principal_ref(request)))
     except DuplicateLeadError:
         raise ApiError(
             409,
@@ -181,12 +187,44 @@ async def patch_lead(request: web.Request) -> web.Response:
     if row is None:
         raise ApiError(404, "lead not found for this account", {"field": "id"})
     updated = await store.update_lead(
-        body.user_account_id, lead_id, changes, derived=patch_update(row, changes)
+        body.user_account_id,
+        lead_id,
+        changes,
+        derived=patch_update(row, changes),
+        cause=manual_cause(principal_ref(request)),
     )
     if updated is None:  # deleted in between
         raise ApiError(404, "lead not found for this account", {"field": "id"})
     logger.info("lead {} edited: {}", lead_id, ", ".join(sorted(changes)))
     return json_response(LeadResponse(success=True, lead=lead_out(updated)))
+
+
+async def lead_history(request: web.Request) -> web.Response:
+    lead_id = path_uuid(request)
+    params = parse_query(request, HistoryParams)
+    page = await _store(request).lead_history(
+        params.user_account_id, lead_id, params.limit, params.offset
+    )
+    if page is None:
+        raise ApiError(404, "lead not found for this account", {"field": "id"})
+    return json_response(HistoryResponse(success=True, history=page.history, count=page.count))
+
+
+async def funnel(request: web.Request) -> web.Response:
+    params = parse_query(request, FunnelParams)
+    since = _utc(params.since)
+    until = _utc(params.until) if params.until is not None else datetime.now(UTC)
+    if since >= until:
+        raise ApiError(400, "since must be before until", {"field": "since"})
+    report = await _store(request).funnel(
+        params.user_account_id, since, until, params.instance_name, FUNNEL_ORDER
+    )
+    ordered = {stage: report[stage] for stage in FUNNEL_ORDER if stage in report}
+    return json_response(FunnelResponse(success=True, funnel=ordered))
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 async def delete_analysis(request: web.Request) -> web.Response:
@@ -306,6 +344,41 @@ ROUTES: tuple[tuple[Endpoint, RouteHandler], ...] = (
             "are recomputed from the facts unless given (or set by hand before).",
         ),
         patch_lead,
+    ),
+    (
+        Endpoint(
+            "GET",
+            "/dialogs/leads/{id}/history",
+            "A lead's history",
+            query=HistoryParams,
+            response=HistoryResponse,
+            errors=(400, 401, 404),
+            path_params=("id",),
+            description="Every change of the lead's funnel_stage, score and interest_level, "
+            "newest first: when, from → to, and the cause (`analysis` with its analyzer and "
+            "model, `manual` with the credential's public reference, `delete`: the "
+            "re-analysis after messages were deleted in WhatsApp). Kept across "
+            "re-analyses, deleted with the lead. Page with `limit` and `offset`; `count` "
+            "is every entry. Another account's lead: 404.",
+        ),
+        lead_history,
+    ),
+    (
+        Endpoint(
+            "GET",
+            "/dialogs/funnel",
+            "Funnel report of a period",
+            query=FunnelParams,
+            response=FunnelResponse,
+            description="Computed in SQL from the stage history. Per stage: `entered`, the "
+            "leads whose stage became it in [since, until) (a lead's first stage counts as "
+            "entering it; each lead once per stage); `moved_to`, how many of those reached "
+            "each later stage before `until` (the order: new_lead, not_qualified, "
+            "qualified, consultation_booked, consultation_completed, deal_closed, "
+            "deal_lost); `median_hours_to`, the median hours from entering the stage to "
+            "reaching that one (only stages some lead reached).",
+        ),
+        funnel,
     ),
     (
         Endpoint(

@@ -15,7 +15,6 @@ anonymous caller learns nothing about which routes exist).
 from __future__ import annotations
 
 import hmac
-import uuid
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -27,7 +26,7 @@ from handlers.principal import Principal, set_principal
 from handlers.webhooks import ROUTES as WEBHOOK_ROUTES
 from service.adapters.user_tokens import UserTokens
 from service.config import Settings
-from service.usecases.api_keys import key_account, looks_like_key
+from service.usecases.api_keys import key_account, key_prefix, looks_like_key
 from service.usecases.intake_guard import bounded
 
 OPEN_ROUTES = frozenset({"/health", *WEBHOOK_ROUTES})
@@ -85,15 +84,18 @@ async def _principal(
     """Who `given` is, or why it is refused (words safe to return)."""
     # surrogateescape: header bytes that are not UTF-8 compare unequal, never raise.
     if expected and hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
-        return Principal(kind="admin")
+        return Principal(kind="admin", ref="admin")
     if looks_like_key(given):
         account = await key_account(context(request).require_store(), given)
-        return Principal(kind="key", account=account) if account else "invalid API key"
+        if account is None:
+            return "invalid API key"
+        return Principal(kind="key", account=account, ref=key_prefix(given))
     if users.configured and given.count(".") == 2:
-        verdict = await users.account(given)
-        return (
-            Principal(kind="user", account=verdict) if isinstance(verdict, uuid.UUID) else verdict
-        )
+        verdict = await users.identify(given)
+        if isinstance(verdict, str):
+            return verdict
+        account, user = verdict
+        return Principal(kind="user", account=account, ref=f"user:{user}")
     if not expected:
         # Fail closed: `serve` refuses to start like this, but an embedding app might not.
         return "API_TOKEN is not configured on the server"

@@ -18,6 +18,7 @@ from msgspec import UNSET, Meta, UnsetType
 
 from service.adapters.stores.base import LeadQuery, LeadStats
 from service.domain.facts import Action, FunnelStage, InterestLevel, MainIntent, Niche
+from service.domain.history import FunnelRow, HistoryEntry
 from service.domain.lead import NewLead
 from service.domain.scoring import ScoreLine, stored_breakdown
 from service.usecases.backfill import AnalyzeStats
@@ -88,6 +89,26 @@ class LeadFilterParams(msgspec.Struct, kw_only=True, rename="camel"):
 
 class ExportParams(LeadFilterParams, kw_only=True, rename="camel"):
     """`GET /dialogs/export-csv`: every list filter; all matching rows, no paging."""
+
+
+class HistoryParams(msgspec.Struct, kw_only=True, rename="camel"):
+    """`GET /dialogs/leads/{id}/history`."""
+
+    user_account_id: AccountId
+    limit: Annotated[int, Meta(ge=1, le=MAX_PAGE, description="Page size (1-1000)")] = 100
+    offset: Annotated[int, Meta(ge=0, le=1_000_000_000, description="Entries to skip")] = 0
+
+
+class FunnelParams(msgspec.Struct, kw_only=True, rename="camel"):
+    """`GET /dialogs/funnel`: the period is [since, until); a time without offset is UTC."""
+
+    user_account_id: AccountId
+    since: Annotated[datetime, Meta(description="Start of the period (ISO-8601, included)")]
+    until: (
+        Annotated[datetime, Meta(description="End of the period (ISO-8601, excluded; default now)")]
+        | None
+    ) = None
+    instance_name: InstanceName | None = None
 
 
 class AnalysisListParams(LeadFilterParams, kw_only=True, rename="camel"):
@@ -236,6 +257,10 @@ class LeadOut(msgspec.Struct, kw_only=True):
     llm_usage: dict[str, Any] | None
     source: str
     manual_fields: list[str]
+    stage_changed_at: Annotated[
+        datetime | None,
+        Meta(description="When funnel_stage last changed (null: not since history is kept)"),
+    ]
 
 
 LEAD_OUT_FIELDS: tuple[str, ...] = LeadOut.__struct_fields__
@@ -257,6 +282,20 @@ class AnalysisListResponse(msgspec.Struct, kw_only=True):
 class StatsResponse(msgspec.Struct, kw_only=True):
     success: bool
     stats: LeadStats
+
+
+class HistoryResponse(msgspec.Struct, kw_only=True):
+    success: bool
+    history: Annotated[list[HistoryEntry], Meta(description="Newest first")]
+    count: Annotated[int, Meta(description="All entries of the lead (not the page size)")]
+
+
+class FunnelResponse(msgspec.Struct, kw_only=True):
+    success: bool
+    funnel: Annotated[
+        dict[str, FunnelRow],
+        Meta(description="Per stage (every stage of the funnel, in its order)"),
+    ]
 
 
 class LeadResponse(msgspec.Struct, kw_only=True):

@@ -108,6 +108,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     max_attempts: int = 5
     # Delay before the n-th retry (seconds, comma separated; the last repeats).
     retry_delays: str = "5,30,120,300"
+    # Lead events (outbox, drained by consume processes): how long a claimed batch is
+    # reserved for its process (a process killed meanwhile leaves it to the others after
+    # this), and the pause between drains while the outbox is empty.
+    outbox_lease_seconds: float = 30.0
+    outbox_poll_seconds: float = 0.5
 
     analyzer: Literal["auto", "openai", "rules"] = "auto"
     openai_api_key: str | None = None
@@ -205,6 +210,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             ) from None
         _check_range("OPENAI_MAX_RETRIES", self.openai_max_retries, 0, 20)
         _check_range("WEBHOOK_MAX_BODY_BYTES", self.webhook_max_body_bytes, 1024, 2**31)
+        if not 1 <= self.outbox_lease_seconds <= 3600:
+            raise ConfigError("OUTBOX_LEASE_SECONDS must be a number of seconds from 1 to 3600")
+        if not 0.01 <= self.outbox_poll_seconds <= 60:
+            raise ConfigError("OUTBOX_POLL_SECONDS must be a number of seconds from 0.01 to 60")
         if not 0 <= self.debounce_seconds <= 3600:
             raise ConfigError("DEBOUNCE_SECONDS must be a number of seconds from 0 to 3600")
         if not 0 < self.openai_timeout <= 3600:

@@ -83,7 +83,6 @@ class Metrics:
         self.dlq_depth = Gauge(
             "crm_dlq_depth", "Messages waiting in the dead-letter queue", registry=r
         )
-        self.hot_leads = Counter("crm_lead_hot_events", "lead.hot events published", registry=r)
         self.notify_fanout = Counter(
             "crm_notify_events",
             "Events read for outbound webhooks, by outcome (queued: deliveries made, "
@@ -104,6 +103,17 @@ class Metrics:
             "crm_notify_attempt_duration_seconds",
             "Time of one outbound webhook attempt (up to NOTIFY_TIMEOUT)",
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+            registry=r,
+        )
+        self.lead_events = Counter(
+            "crm_lead_events_published",
+            "Lead events (lead.hot, lead.stage_changed) published from the outbox, by type",
+            ["type"],
+            registry=r,
+        )
+        self.outbox_depth = Gauge(
+            "crm_outbox_depth",
+            "Lead events stored but not published yet (read by consume processes)",
             registry=r,
         )
         self.llm_model_shutdown_days = Gauge(

@@ -122,6 +122,7 @@ class Harness:
         self.ctx = ctx
         self.client = client
         self.consumer: Any = None
+        self.drainer: Any = None  # the outbox drainer (lead events), as `consume` runs it
         # Tests send dozens of webhooks at once; their own writes and reads take few
         # connections, so the service's pools (warm in consume processes) have room
         # within PostgreSQL's 100.
@@ -272,21 +273,21 @@ async def ensure_instance_row(settings: Settings, instance: str = INSTANCE) -> N
 
 @contextlib.asynccontextmanager
 async def running_service(
-    settings: Settings, *, consume: bool = True, analyzer: Any = None
+    settings: Settings, *, consume: bool = True, analyzer: Any = None, drain: bool | None = None
 ) -> AsyncIterator[Harness]:
-    """Intake (aiohttp test server) + in-process consumer on the given settings."""
+    """Intake (aiohttp test server) + in-process consumer and outbox drainer (as `run`
+    starts them; `drain` defaults to `consume`) on the given settings."""
     from consumers.contacts import ContactConsumer
+    from consumers.outbox import OutboxDrainer
     from handlers.http_app import make_app
 
-    async with app_context(settings, publisher=True, hot_leads=consume) as ctx:
+    async with app_context(settings, publisher=True) as ctx:
         if analyzer is not None:
             ctx.analyzer = analyzer
             from service.usecases.pipeline import Pipeline
 
             assert ctx.reader is not None and ctx.store is not None
-            ctx.pipeline = Pipeline(
-                settings, ctx.reader, ctx.store, analyzer, ctx.metrics, on_hot=ctx.hot_leads
-            )
+            ctx.pipeline = Pipeline(settings, ctx.reader, ctx.store, analyzer, ctx.metrics)
         server = TestServer(make_app(ctx))
         client = TestClient(server)
         await client.start_server()
@@ -295,8 +296,13 @@ async def running_service(
             if consume:
                 harness.consumer = ContactConsumer(ctx)
                 await harness.consumer.start()
+            if consume if drain is None else drain:
+                harness.drainer = OutboxDrainer(ctx)
+                await harness.drainer.start()
             yield harness
         finally:
+            if harness.drainer is not None:
+                await harness.drainer.stop()
             if harness.consumer is not None:
                 await harness.consumer.stop()
             await client.close()

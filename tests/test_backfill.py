@@ -172,3 +172,33 @@ async def test_backfill_ctrl_c_keeps_finished_rows(
     finally:
         await conn.close()
     assert analysed == stats["analyzed"]
+
+
+async def test_backfill_no_notify_records_history_but_no_events(
+    evolution_dsn: str, results_dsn: str, dialogs: list[dict[str, Any]]
+) -> None:
+    """`backfill --no-notify` (a history replay) writes the history and no outbox row; the
+    same backfill without it raises a lead.hot for each hot lead."""
+    account = uuid.uuid4()
+    await load_dialogs(evolution_dsn, "quiet", dialogs[:12])
+    await load_dialogs(evolution_dsn, "loud", dialogs[:12])
+    env = {**_env(evolution_dsn, results_dsn, "http://127.0.0.1:9"), "ANALYZER": "rules"}
+    quiet, _ = await backfill(env, "--instance", "quiet", "--account", str(account), "--no-notify")
+    loud, _ = await backfill(env, "--instance", "loud", "--account", str(account))
+    assert quiet["hot"] == loud["hot"] > 0
+    conn = await asyncpg.connect(results_dsn)
+    try:
+        counts = await conn.fetch(
+            "SELECT d.instance_name, "
+            "(SELECT count(*) FROM crm_lead_history h JOIN dialog_analysis x ON x.id = h.lead_id "
+            " WHERE x.instance_name = d.instance_name) AS history, "
+            "(SELECT count(*) FROM crm_outbox o WHERE o.body -> 'data' ->> 'instance' = "
+            " d.instance_name AND o.event_type = 'lead.hot') AS hot "
+            "FROM (SELECT DISTINCT instance_name FROM dialog_analysis) d ORDER BY 1"
+        )
+    finally:
+        await conn.close()
+    by_instance = {r["instance_name"]: (r["history"], r["hot"]) for r in counts}
+    assert by_instance["quiet"][0] == by_instance["loud"][0] > 0  # the same history
+    assert by_instance["quiet"][1] == 0
+    assert by_instance["loud"][1] == loud["hot"]

@@ -74,7 +74,8 @@ async def notifications(settings: Settings) -> list[dict[str, Any]]:
         channel = await connection.channel()
         queue = await channel.get_queue(topology.notification_queue)
         while (message := await queue.get(no_ack=True, fail=False)) is not None:
-            got.append(msgspec.json.decode(message.body))
+            if message.routing_key == "lead.hot":
+                got.append(msgspec.json.decode(message.body)["data"])
     finally:
         await connection.close()
     return got

@@ -199,12 +199,20 @@ async def test_lead_hot_published_once(settings: Settings, amqp_url: str) -> Non
         await svc.send(message_body(phone, "Спасибо, до завтра!", ts=t0 + 900))
         await svc.wait_row(phone, lambda r: r.incoming_count == 5)
         await svc.wait_idle()
+
+        async def published() -> bool:
+            return await svc.ctx.require_store().outbox_depth() == 0
+
+        await svc.wait_for(published, what="the lead events published")
+        await asyncio.sleep(0.3)
         got = []
         while (message := await queue.get(no_ack=True, fail=False)) is not None:
             got.append(message)
-        assert len(got) == 1, [m.body for m in got]
-        assert got[0].routing_key == "lead.hot"
-        assert b'"score":' in got[0].body and phone.encode() in got[0].body
+        hot = [m for m in got if m.routing_key == "lead.hot"]
+        assert len(hot) == 1, [m.body for m in got]
+        assert b'"score":' in hot[0].body and phone.encode() in hot[0].body
+        assert hot[0].message_id is not None  # the outbox row's id, stable across retries
+        assert {m.routing_key for m in got} == {"lead.hot", "lead.stage_changed"}
         assert row.score is not None and row.score >= 75
     await connection.close()
 

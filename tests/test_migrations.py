@@ -135,7 +135,8 @@ async def test_processes_starting_together_apply_each_migration_once(empty_db: s
 
 ORIGINAL_COLUMNS_SQL = (
     "SELECT to_jsonb(d) - ARRAY['niche', 'budget_stated', 'score_breakdown', 'remote_jid', "
-    "'last_message_id', 'analyzer', 'llm_usage', 'source', 'manual_fields'] AS row "
+    "'last_message_id', 'analyzer', 'llm_usage', 'source', 'manual_fields', 'stage_changed_at'] "
+    "AS row "
     "FROM dialog_analysis d ORDER BY contact_phone"
 )
 

@@ -17,7 +17,6 @@ import pytest
 from service.adapters.analyzers.base import AnalysisResult
 from service.config import Settings, load_settings
 from service.domain.dialog import Contact, Dialog, DialogMessage
-from service.domain.events import HotLead
 from service.domain.facts import LeadFacts, empty_facts
 from service.domain.scoring import score
 from service.metrics import Metrics
@@ -82,18 +81,16 @@ class Setup:
         self.store = MemoryStore()
         self.dialogs = MemoryDialogs()
         self.analyzer = ScriptedAnalyzer(facts)
-        self.hot: list[HotLead] = []
         self.pipeline = Pipeline(
             self.settings,
             self.dialogs,
             self.store,  # type: ignore[arg-type]  # the calls the pipeline makes
             self.analyzer,
             Metrics(),
-            on_hot=self._on_hot,
         )
 
-    async def _on_hot(self, lead: HotLead) -> None:
-        self.hot.append(lead)
+    def hot(self) -> list[tuple[str, str, int | None]]:
+        return [e for e in self.store.events if e[0] == "lead.hot"]
 
     async def run(self, **kwargs: object) -> str:
         outcome = await self.pipeline.analyze_contact(INSTANCE, PHONE, ACCOUNT, **kwargs)  # type: ignore[arg-type]
@@ -163,14 +160,30 @@ async def test_lead_hot_goes_out_once_on_the_transition(timed: None) -> None:
     s = Setup(facts=WARM)
     s.dialogs.put(dialog(incoming=3))
     assert await s.run() == "analyzed"
-    assert s.hot == []
+    assert s.hot() == []
     s.analyzer.facts = HOT
     s.dialogs.put(dialog(incoming=4, shift=10))
     assert await s.run() == "analyzed"
-    assert [(h.contact, h.score) for h in s.hot] == [(PHONE, 75)]
+    assert s.hot() == [("lead.hot", PHONE, 75)]
     s.dialogs.put(dialog(incoming=5, shift=20))
     assert await s.run() == "analyzed"  # still hot: no second event
-    assert len(s.hot) == 1
+    assert len(s.hot()) == 1
+    # Every write carried its cause; a replay without notifications raises none.
+    assert {w.cause.kind for w in s.store.writes} == {"analysis"}
+    assert s.store.writes[-1].cause.analyzer == "scripted"
+    quiet = Setup(facts=HOT)
+    quiet.dialogs.put(dialog(incoming=3))
+    assert await quiet.run(notify=False) == "analyzed"
+    assert quiet.store.events == [] and quiet.row()["interest_level"] == "hot"
+
+
+async def test_a_run_carrying_deletes_names_them_as_its_cause(timed: None) -> None:
+    s = Setup(facts=WARM)
+    s.dialogs.put(dialog(incoming=4))
+    assert await s.run() == "analyzed"
+    assert await s.run(deleted={"m0-3"}) == "analyzed"
+    assert [w.cause.kind for w in s.store.writes] == ["analysis", "delete"]
+    assert s.store.writes[-1].cause.analyzer == "scripted"
 
 
 async def test_a_lowered_min_incoming_analyses_a_stored_new_lead(timed: None) -> None:

@@ -788,7 +788,7 @@ async def test_supabase_does_not_repeat_an_insert_that_may_have_run(
     postgrest.drop_next(1)
     with pytest.raises(StoreUnavailableError, match="creating a lead"):
         await supabase.create_lead(manual_lead(account, "77030000001"))
-    assert sum(r.startswith("POST /rest/v1/dialog_analysis") for r in postgrest.requests) == 1
+    assert sum(r.startswith("POST /rest/v1/rpc/crm_create_lead") for r in postgrest.requests) == 1
     postgrest.fail_next(1, 429)  # rate limited: not processed, retried
     assert (await supabase.create_lead(manual_lead(account, "77030000001"))).source == "manual"
 

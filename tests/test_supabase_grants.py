@@ -36,14 +36,18 @@ from tests.supabase_db import execute, fetch, load_original, migrated_database
 
 PUBLIC_ROLES = ("anon", "authenticated")
 # What the store does on each table, and nothing more (service/sql/0003_data_api_grants.sql,
-# 0004_api_keys.sql, 0005_evolution_events.sql, 0007_webhook_endpoints.sql; `instances move`
-# also updates two columns of whatsapp_instances).
+# 0004_api_keys.sql, 0005_evolution_events.sql, 0006_lead_history.sql,
+# 0007_webhook_endpoints.sql; `instances move` also updates two columns of
+# whatsapp_instances; history rows go with their lead through the foreign key's cascade,
+# which needs no privilege of the caller).
 SERVICE_ROLE_PRIVILEGES = {
     "crm_api_keys": {"SELECT", "INSERT", "UPDATE"},
     "crm_deleted_messages": {"SELECT", "INSERT"},
+    "crm_lead_history": {"SELECT", "INSERT"},
     "crm_lid_pairs": {"SELECT", "INSERT", "UPDATE"},
     "crm_webhook_deliveries": {"SELECT", "INSERT", "UPDATE", "DELETE"},
     "crm_webhook_endpoints": {"SELECT", "INSERT", "DELETE"},
+    "crm_outbox": {"SELECT", "INSERT", "UPDATE", "DELETE"},
     "dialog_analysis": {"SELECT", "INSERT", "UPDATE", "DELETE"},
     "whatsapp_instances": {"SELECT", "INSERT", "DELETE"},
     "crm_schema_migrations": set(),
@@ -121,13 +125,22 @@ async def test_every_table_and_function_keeps_the_rule(migrated: str) -> None:
         "crm_api_key_create",
         "crm_api_key_list",
         "crm_api_key_revoke",
+        "crm_cause",
+        "crm_create_lead",
         "crm_deleted_ids",
         "crm_foreign_leads",
         "crm_forget_dialog_time",
+        "crm_funnel",
+        "crm_lead_history_page",
         "crm_lead_stats",
         "crm_leads_page",
         "crm_lid_phone",
         "crm_move_instance",
+        "crm_outbox_claim",
+        "crm_outbox_depth",
+        "crm_outbox_done",
+        "crm_outbox_release",
+        "crm_record_changes",
         "crm_record_deletes",
         "crm_remember_lid",
         "crm_update_lead",

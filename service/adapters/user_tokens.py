@@ -52,6 +52,11 @@ class UserTokens:
 
     async def account(self, token: str) -> uuid.UUID | str:
         """The token's account, or why the token is refused (safe to return)."""
+        verdict = await self.identify(token)
+        return verdict if isinstance(verdict, str) else verdict[0]
+
+    async def identify(self, token: str) -> tuple[uuid.UUID, str] | str:
+        """(the token's account, its user id `sub`), or why the token is refused."""
         try:
             claims = await self._claims(token)
         except jwt.ExpiredSignatureError:
@@ -64,9 +69,12 @@ class UserTokens:
         for part in self._claim:
             value = value.get(part) if isinstance(value, dict) else None
         try:
-            return uuid.UUID(str(value)) if value is not None else "access token has no account"
+            account = uuid.UUID(str(value)) if value is not None else None
         except ValueError:
+            account = None
+        if account is None:
             return "access token has no account"
+        return account, str(claims["sub"])
 
     async def _signing_key(self, kid: Any) -> jwt.PyJWK:
         """The JWKS key `kid`; an unknown kid refetches the set at most once a minute, so

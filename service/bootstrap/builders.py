@@ -11,8 +11,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from service.adapters.analyzers.base import Analyzer
-from service.adapters.broker.notifier import HotLeads
-from service.adapters.broker.topology import Topology
 from service.adapters.evolution.reader import EvolutionReader
 from service.adapters.stores.base import ResultsStore
 from service.adapters.stores.factory import open_store
@@ -42,7 +40,6 @@ async def app_context(
     analyzer: bool = True,
     publisher: bool = False,
     metrics: Metrics | None = None,
-    hot_leads: bool = False,
     lifecycle: bool = False,
     warm: bool = False,
 ) -> AsyncIterator[AppContext]:
@@ -82,12 +79,8 @@ async def app_context(
 
             ctx.publisher = EventPublisher(settings)
             stack.push_async_callback(ctx.publisher.close)
-        if hot_leads:
-            ctx.hot_leads = HotLeads(Topology(settings), ctx.metrics)
         if ctx.store is not None and ctx.reader is not None and ctx.analyzer is not None:
-            ctx.pipeline = Pipeline(
-                settings, ctx.reader, ctx.store, ctx.analyzer, ctx.metrics, on_hot=ctx.hot_leads
-            )
+            ctx.pipeline = Pipeline(settings, ctx.reader, ctx.store, ctx.analyzer, ctx.metrics)
         yield ctx
 
 

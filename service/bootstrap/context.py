@@ -11,7 +11,6 @@ from service.metrics import Metrics
 if TYPE_CHECKING:
     from service.adapters.analyzers.base import Analyzer
     from service.adapters.analyzers.model_lifecycle import ModelLifecycle
-    from service.adapters.broker.notifier import HotLeads
     from service.adapters.broker.publisher import EventPublisher
     from service.adapters.evolution.reader import EvolutionReader
     from service.adapters.stores.base import ResultsStore
@@ -27,7 +26,6 @@ class AppContext:
     analyzer: Analyzer | None = None
     publisher: EventPublisher | None = None
     pipeline: Pipeline | None = None
-    hot_leads: HotLeads | None = None  # the pipeline's lead.hot sink, in consuming processes
     model_lifecycle: ModelLifecycle | None = None  # shutdown-date watch of OPENAI_MODEL
 
     def require_store(self) -> ResultsStore:

@@ -116,6 +116,7 @@ async def run_demo(
     """Run the demo; returns the leads it printed. `speed` = seconds between messages."""
 
     from consumers.contacts import ContactConsumer
+    from consumers.outbox import OutboxDrainer
     from handlers.http_app import make_app
     from handlers.server import start_local
     from service.adapters.evolution.seed import insert_webhook_message
@@ -141,11 +142,13 @@ async def run_demo(
     )
     dialogs = load_sample_dialogs()
     bodies = webhook_bodies(dialogs, DEMO_INSTANCE)
-    async with app_context(demo, publisher=True, hot_leads=True) as ctx:
+    async with app_context(demo, publisher=True) as ctx:
         store = ctx.require_store()
         await store.add_instance(DEMO_INSTANCE, DEMO_ACCOUNT)
         consumer = ContactConsumer(ctx)
         await consumer.start()
+        drainer = OutboxDrainer(ctx)  # the lead events, as `run` publishes them
+        await drainer.start()
         runner, port = await start_local(make_app(ctx))
         url = f"http://127.0.0.1:{port}/webhooks/evolution?token={webhook_token}"
         say(
@@ -173,6 +176,7 @@ async def run_demo(
             await asyncio.sleep(0.1)
         elapsed = time.monotonic() - started
         rows, _ = await store.query_leads(LeadQuery(user_account_id=DEMO_ACCOUNT, limit=1000))
+        await drainer.stop()
         await consumer.stop()
         await runner.cleanup()
     _print_table(rows, out)

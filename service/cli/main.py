@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--since", type=_iso_date)
     backfill.add_argument("--dry-run", action="store_true")
     backfill.add_argument("--force", action="store_true", help="re-analyse unchanged dialogs")
+    backfill.add_argument(
+        "--no-notify",
+        dest="notify",
+        action="store_false",
+        help="record the leads' history but raise no lead.hot / lead.stage_changed events "
+        "(default: notify; the events are published by the consume processes)",
+    )
 
     migrate = sub.add_parser("migrate", help="create or upgrade the results tables")
     migrate.add_argument("--print", action="store_true", help="print the SQL instead")
@@ -487,6 +494,7 @@ async def _backfill_options(
         concurrency=args.concurrency or settings.analysis_concurrency,
         since=args.since,
         force=args.force,
+        notify=args.notify,
     )
 
 
@@ -524,7 +532,7 @@ async def _serve_until_stopped(settings: Settings, *, consume: bool, serve: bool
             loop.add_signal_handler(sig, stop.set)
     bridge_on = consume and bool(settings.evolution_amqp_exchange)
     async with app_context(
-        settings, publisher=serve or bridge_on, lifecycle=True, hot_leads=consume, warm=consume
+        settings, publisher=serve or bridge_on, lifecycle=True, warm=consume
     ) as ctx:
         workers: list[Any] = []  # consumers; started in the background
         starting: list[asyncio.Task[None]] = []
@@ -552,10 +560,14 @@ async def _serve_until_stopped(settings: Settings, *, consume: bool, serve: bool
                 logger.info("listening on http://{}:{}", settings.host, settings.port)
             if consume:
                 from consumers.contacts import ContactConsumer
+                from consumers.outbox import OutboxDrainer
                 from consumers.webhooks import WebhookWorkers
                 from service.adapters.stores.webhooks import webhook_store
 
                 workers.append(ContactConsumer(ctx))
+                # Lead events stored by every process (serve and backfill too) are
+                # published from here.
+                workers.append(OutboxDrainer(ctx))
                 # Outbound webhooks ride along every consume process: none to start apart.
                 workers.append(
                     WebhookWorkers(settings, webhook_store(ctx.require_store()), ctx.metrics)

@@ -1,1 +1,1 @@
-"""Pure domain model: dialogs, lead facts and scoring. No I/O here."""
+"""Pure domain model: dialogs, lead facts, scoring, lead history and events. No I/O here."""

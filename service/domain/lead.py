@@ -96,6 +96,7 @@ class LeadRow(msgspec.Struct, kw_only=True, omit_defaults=False):
     llm_usage: dict[str, Any] | None = None
     source: str = "auto"
     manual_fields: list[str] = msgspec.field(default_factory=list)
+    stage_changed_at: datetime | None = None  # when funnel_stage last changed
 
 
 LEAD_COLUMNS: tuple[str, ...] = LeadRow.__struct_fields__

@@ -14,8 +14,10 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-# The events an endpoint may subscribe to (the routing keys on the events exchange).
-EVENT_TYPES: tuple[str, ...] = ("lead.hot", "lead.stage_changed")
+# The events an endpoint may subscribe to: the lead events (routing keys on the events
+# exchange).
+from service.domain.events import EVENT_TYPES
+
 SECRET_PREFIX = "whsec_"  # noqa: S105 - the format's prefix, not a secret
 # Fixed so that every process derives the same webhook id for one event and endpoint.
 _WEBHOOK_ID_NAMESPACE = uuid.UUID("6f0c7b8e-3d1a-5c2b-9e4f-0a1b2c3d4e5f")

@@ -21,6 +21,11 @@ def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def key_prefix(key: str) -> str:
+    """A key's public reference (what `keys list` shows): never enough to use it."""
+    return key[:_PREFIX_CHARS]
+
+
 def looks_like_key(token: str) -> bool:
     return token.startswith(KEY_MARK) and len(token) > _PREFIX_CHARS
 
@@ -30,7 +35,7 @@ async def create_key(
 ) -> tuple[str, ApiKey]:
     """(the new key, its stored record): the key itself is not kept anywhere."""
     key = KEY_MARK + secrets.token_urlsafe(32)
-    record = await store.create_api_key(key_hash(key), key[:_PREFIX_CHARS], account, name)
+    record = await store.create_api_key(key_hash(key), key_prefix(key), account, name)
     return key, record
 
 

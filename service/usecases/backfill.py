@@ -98,6 +98,8 @@ class BackfillOptions(msgspec.Struct, kw_only=True):
     concurrency: int = 8
     since: datetime | None = None
     force: bool = False
+    # False: the history is recorded but no lead events are raised (a history replay).
+    notify: bool = True
 
 
 ProgressFn = Callable[[BackfillStats, int | None], None]
@@ -187,6 +189,7 @@ async def _analyze_one(
             contact_name=summary.contact.name,
             min_incoming=options.min_incoming,
             force=options.force,
+            notify=options.notify,
         )
     except asyncio.CancelledError:
         raise

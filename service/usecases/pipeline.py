@@ -1,7 +1,10 @@
 """The one analysis pipeline: dialog → facts → score → upsert.
 
 The consumer, the backfill command and `POST /dialogs/analyze` all call
-`Pipeline.analyze_contact`; nothing else analyses.
+`Pipeline.analyze_contact`; nothing else analyses. Each write carries its cause (which
+analyzer and model, or the deletes that caused it); the store's write rules record the
+lead's history and decide its events (`lead.hot`, `lead.stage_changed`) in the same
+transaction, so no path needs to publish anything itself.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from datetime import datetime
 from typing import Any, Literal, Protocol
@@ -33,9 +36,9 @@ from service.domain.dialog import (
     apply_changes,
     merge_messages,
 )
-from service.domain.events import HotLead
 from service.domain.evidence import FactEvidence, confined
 from service.domain.facts import LeadFacts, empty_facts
+from service.domain.history import Cause, CauseKind
 from service.domain.lead import LeadRow, fact_columns
 from service.domain.scoring import Score, interest_for, score
 from service.domain.text_bounds import bounded_dialog
@@ -67,9 +70,6 @@ class ContactOutcome(msgspec.Struct, kw_only=True):
     lead_id: uuid.UUID | None = None
 
 
-HotSink = Callable[[HotLead], Awaitable[None]]
-
-
 class Pipeline:
     def __init__(
         self,
@@ -78,14 +78,12 @@ class Pipeline:
         store: ResultsStore,
         analyzer: Analyzer,
         metrics: Metrics,
-        on_hot: HotSink | None = None,
     ) -> None:
         self._settings = settings
         self._reader = reader
         self._store = store
         self._analyzer = analyzer
         self._metrics = metrics
-        self._on_hot = on_hot  # where `lead.hot` goes; wired by the bootstrap
 
     @property
     def analyzer_name(self) -> str:
@@ -104,7 +102,7 @@ class Pipeline:
         force: bool = False,
         edits: Mapping[str, str] | None = None,
         deleted: AbstractSet[str] = frozenset(),
-        renotify: bool = False,
+        notify: bool = True,
     ) -> ContactOutcome:
         """Bring one contact's stored lead up to date with its dialog.
 
@@ -112,8 +110,11 @@ class Pipeline:
         webhook). `edits` (message id -> new text) and `deleted` (message ids) come from
         edit/delete events: the dialog is analysed again as WhatsApp now shows it.
         `summary`, from the reader's contact aggregate, lets an unchanged contact be
-        skipped without reading its dialog.
+        skipped without reading its dialog. `notify=False` records the history but raises
+        no events (`backfill --no-notify`).
         """
+        # A run that carries deletes is caused by them (the history says so).
+        kind: CauseKind = "delete" if deleted else "analysis"
         edits = edits or {}
         asked = force
         force = force or bool(edits or deleted)
@@ -165,17 +166,13 @@ class Pipeline:
 
         enough = dialog.incoming_count >= threshold
         if not force and state is not None and is_current(state, dialog.last_message_id, enough):
-            if renotify and state.interest_level == "hot":
-                # A retried or redelivered run: the stored result may be the one whose
-                # `lead.hot` was never confirmed, so it goes out again (at least once).
-                await self._renotify(account, instance, phone, state)
             return self._done("unchanged", instance, phone, state=state)
 
         if force and state is not None:
             # A rebuild from the dialog: a stored time from the future must not win.
             await self._store.forget_dialog_time(account, instance, phone)
         if not enough:
-            write = _new_lead_write(dialog, account)
+            write = _new_lead_write(dialog, account, Cause(kind=kind), notify)
             result = await self._store.upsert_analysis(write)
             outcome: Outcome = "new_lead" if result.applied else "stale"
             return self._done(outcome, instance, phone, score=write.score, lead_id=result.id)
@@ -197,7 +194,8 @@ class Pipeline:
         evidence, outside = confined(analysis.evidence, bounded)
         self._count_dropped(analysis.analyzer, analysis.evidence_dropped + outside)
         lead_score = _final_score(facts, state, evidence)
-        write = _analysis_write(dialog, account, facts, lead_score, analysis)
+        cause = Cause(kind=kind, analyzer=analysis.analyzer, model=analysis.model)
+        write = _analysis_write(dialog, account, facts, lead_score, analysis, cause, notify)
         result = await self._store.upsert_analysis(write)
         self._record(analysis, lead_score, started)
         if not result.applied and result.id is None:
@@ -217,18 +215,6 @@ class Pipeline:
             return self._done("stale", instance, phone, analyzer=analysis.analyzer)
 
         became_hot = result.interest_level == "hot" and result.previous_interest != "hot"
-        if became_hot and self._on_hot is not None:
-            await self._on_hot(
-                HotLead(
-                    account=account,
-                    instance=instance,
-                    contact=phone,
-                    contact_name=dialog.contact.name,
-                    score=lead_score.total,
-                    summary=facts.reasoning,
-                    lead_id=result.id,
-                )
-            )
         return self._done(
             "analyzed",
             instance,
@@ -268,26 +254,6 @@ class Pipeline:
         if confirmed:
             await self._store.record_deletes(account, instance, jid, sorted(confirmed))
         return confirmed
-
-    async def _renotify(
-        self, account: uuid.UUID, instance: str, phone: str, state: StoredState
-    ) -> None:
-        if self._on_hot is None:
-            return
-        row = await self._store.get_lead(account, state.id)
-        if row is None or row.interest_level != "hot":
-            return
-        await self._on_hot(
-            HotLead(
-                account=account,
-                instance=instance,
-                contact=phone,
-                contact_name=row.contact_name,
-                score=row.score or 0,
-                summary=row.reasoning or "",
-                lead_id=row.id,
-            )
-        )
 
     async def _stored_dialog(
         self, account: uuid.UUID, state: StoredState, instance: str, phone: str
@@ -496,7 +462,9 @@ def _base_write(dialog: Dialog, account: uuid.UUID) -> dict[str, Any]:
     }
 
 
-def _new_lead_write(dialog: Dialog, account: uuid.UUID) -> AnalysisWrite:
+def _new_lead_write(
+    dialog: Dialog, account: uuid.UUID, cause: Cause, notify: bool
+) -> AnalysisWrite:
     facts = empty_facts("new_lead")
     return AnalysisWrite(
         **_base_write(dialog, account),
@@ -505,6 +473,8 @@ def _new_lead_write(dialog: Dialog, account: uuid.UUID) -> AnalysisWrite:
         messages=_dialog_json(dialog),
         analyzer=None,
         llm_usage=None,
+        cause=cause,
+        notify=notify,
     )
 
 
@@ -514,6 +484,8 @@ def _analysis_write(
     facts: LeadFacts,
     lead_score: Score,
     analysis: AnalysisResult,
+    cause: Cause,
+    notify: bool,
 ) -> AnalysisWrite:
     usage = None
     if analysis.usage is not None:
@@ -527,4 +499,6 @@ def _analysis_write(
         messages=_dialog_json(dialog),
         analyzer=analysis.analyzer,
         llm_usage=usage,
+        cause=cause,
+        notify=notify,
     )

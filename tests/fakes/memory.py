@@ -1,8 +1,9 @@
 """In-memory ResultsStore and DialogSource: the pipeline's decisions tested in milliseconds.
 
 The store keeps the write rules of `crm_upsert_analysis` and `crm_update_lead`
-(service/sql/0002_write_rules.sql): the newest dialog wins, a foreign account's row is left
-alone, new_lead facts never replace an analysis or a person's edit, manual columns survive.
+(service/sql/0002_write_rules.sql, 0006_lead_history.sql): the newest dialog wins, a foreign
+account's row is left alone, new_lead facts never replace an analysis or a person's edit,
+manual columns survive; the events a write raises are listed in `events`.
 tests/test_store_rules.py runs the same cases against this store and PostgresStore, so the
 two cannot drift apart. Only the calls the pipeline makes are here.
 """
@@ -40,6 +41,8 @@ class MemoryStore:
         self.rows: dict[tuple[str, str], dict[str, Any]] = {}
         self.deletes: dict[tuple[uuid.UUID, str, str], set[str]] = {}
         self.writes: list[AnalysisWrite] = []
+        # (event type, contact, score) per event a write raised, as crm_record_changes does.
+        self.events: list[tuple[str, str, int | None]] = []
 
     async def close(self) -> None:
         return None
@@ -72,6 +75,7 @@ class MemoryStore:
                 updated_at=now,
             )
             self.rows[key] = row
+            self._record(None, row, write.notify)
             return UpsertResult(
                 applied=True,
                 id=row["id"],
@@ -101,6 +105,7 @@ class MemoryStore:
             return kept
         manual = set(o["manual_fields"])
         previous = o["interest_level"]
+        before = dict(o)
         if "contact_name" not in manual and r["contact_name"] is not None:
             o["contact_name"] = r["contact_name"]
         for name in ("remote_jid", "incoming_count", "outgoing_count", "first_message"):
@@ -122,9 +127,19 @@ class MemoryStore:
             o["llm_usage"] = r["llm_usage"]
             o["analyzed_at"] = now
         o["updated_at"] = now
+        self._record(before, o, write.notify)
         return UpsertResult(
             applied=True, id=o["id"], previous_interest=previous, interest_level=o["interest_level"]
         )
+
+    def _record(self, old: dict[str, Any] | None, new: dict[str, Any], notify: bool) -> None:
+        if not notify:
+            return
+        old = old or {}
+        if old.get("funnel_stage") != new["funnel_stage"]:
+            self.events.append(("lead.stage_changed", new["contact_phone"], new["score"]))
+        if new["interest_level"] == "hot" and old.get("interest_level") != "hot":
+            self.events.append(("lead.hot", new["contact_phone"], new["score"]))
 
     async def get_lead(
         self, account: uuid.UUID, lead_id: uuid.UUID, *, include_messages: bool = False

@@ -37,7 +37,7 @@ from aio_pika.abc import AbstractChannel
 
 from service.adapters.broker.envelope import shard_routing_key
 from service.config import Settings
-from service.domain.webhooks import EVENT_TYPES
+from service.domain.events import EVENT_TYPES
 
 # Header that selects a retry queue (its delay in milliseconds) on the headers exchange.
 H_RETRY_DELAY = "x-retry-delay-ms"

@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol
 import msgspec
 
 from service.domain.facts import FunnelStage, InterestLevel
+from service.domain.history import Cause, FunnelRow, HistoryPage
 from service.domain.lead import DERIVED_COLUMNS, LEAD_COLUMNS, MANUAL_COLUMNS, LeadRow
 
 
@@ -65,6 +66,10 @@ class AnalysisWrite(msgspec.Struct, kw_only=True):
     messages: list[dict[str, Any]] | None
     analyzer: str | None
     llm_usage: dict[str, Any] | None
+    # Recorded with each change of stage, score or interest (the lead's history).
+    cause: Cause = msgspec.field(default_factory=lambda: Cause(kind="analysis"))
+    # False: history only, no events (`backfill --no-notify`).
+    notify: bool = True
 
 
 class UpsertResult(msgspec.Struct, kw_only=True):
@@ -122,6 +127,14 @@ class LeadStats(msgspec.Struct, kw_only=True):
     qualified_count: int
     by_niche: dict[str, int]
     analyzed_last_24h: int
+
+
+class OutboxEvent(msgspec.Struct, kw_only=True):
+    """An event claimed from the outbox: `body` is published exactly as stored."""
+
+    id: uuid.UUID  # also the AMQP message_id: the same on every publish of this event
+    type: str
+    body: dict[str, Any]
 
 
 class InstanceMapping(msgspec.Struct, kw_only=True):
@@ -192,7 +205,7 @@ class ResultsStore(Protocol):
 
     async def stats(self, account: uuid.UUID, instance: str | None) -> LeadStats: ...
 
-    async def create_lead(self, row: LeadRow) -> LeadRow: ...
+    async def create_lead(self, row: LeadRow, cause: Cause | None = None) -> LeadRow: ...
 
     async def update_lead(
         self,
@@ -200,14 +213,40 @@ class ResultsStore(Protocol):
         lead_id: uuid.UUID,
         changes: dict[str, Any],
         derived: dict[str, Any] | None = None,
+        cause: Cause | None = None,
     ) -> LeadRow | None:
         """Set `changes` (column -> value), add their names to manual_fields.
 
         `derived` columns (score, interest level, breakdown… recomputed from the changed
         facts) are set in the same write but NOT marked manual, so later analyses still
-        recompute them.
+        recompute them. `cause` (default: a manual edit) goes into the lead's history.
         """
         ...
+
+    # history and the funnel report (service/sql/0006_lead_history.sql)
+    async def lead_history(
+        self, account: uuid.UUID, lead_id: uuid.UUID, limit: int, offset: int
+    ) -> HistoryPage | None:
+        """Newest first; None when the lead is not the account's."""
+        ...
+
+    async def funnel(
+        self,
+        account: uuid.UUID,
+        since: datetime,
+        until: datetime,
+        instance: str | None,
+        stages: Sequence[str],
+    ) -> dict[str, FunnelRow]: ...
+
+    # the outbox of lead events
+    async def claim_outbox(self, limit: int, lease_seconds: float) -> list[OutboxEvent]: ...
+
+    async def outbox_published(self, ids: Sequence[uuid.UUID]) -> int: ...
+
+    async def release_outbox(self, ids: Sequence[uuid.UUID]) -> int: ...
+
+    async def outbox_depth(self) -> int: ...
 
     async def delete_lead(self, account: uuid.UUID, lead_id: uuid.UUID) -> bool: ...
 
@@ -303,6 +342,11 @@ def check_changes(changes: Mapping[str, Any], derived: Mapping[str, Any] | None)
             raise ValueError(f"column {name} is not derived from the facts")
 
 
+def cause_json(cause: Cause | None) -> dict[str, Any]:
+    """The cause as the write functions take it (a manual edit when none is given)."""
+    return msgspec.to_builtins(cause or Cause(kind="manual"))  # type: ignore[no-any-return]
+
+
 def creation_values(row: LeadRow) -> dict[str, Any]:
     """Column values (JSON-ready) of a lead created by hand: `source` is 'manual'.
 
@@ -311,7 +355,7 @@ def creation_values(row: LeadRow) -> dict[str, Any]:
     updated_at are the database's.
     """
     values: dict[str, Any] = msgspec.to_builtins(row)
-    for name in ("created_at", "updated_at"):
+    for name in ("created_at", "updated_at", "stage_changed_at"):
         values.pop(name, None)
     values["source"] = "manual"
     values["manual_fields"] = list(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
+from datetime import datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -28,15 +29,18 @@ from service.adapters.stores.base import (
     InstanceOwnedError,
     LeadQuery,
     LeadStats,
+    OutboxEvent,
     StoredState,
     StoreUnavailableError,
     UpsertResult,
+    cause_json,
     check_changes,
     creation_values,
     lead_columns,
     lead_from_record,
     state_from_record,
 )
+from service.domain.history import Cause, FunnelRow, HistoryPage
 from service.domain.lead import LeadRow
 from service.domain.webhooks import Claim, WebhookEndpoint
 
@@ -194,19 +198,15 @@ class PostgresStore:
             result = await self._pool.fetchval("SELECT crm_lead_stats($1, $2)", account, instance)
         return msgspec.convert(result, LeadStats)
 
-    async def create_lead(self, row: LeadRow) -> LeadRow:
-        values = creation_values(row)
-        columns = ", ".join(values)
-        returned = ", ".join(lead_columns(False))
-        # json_populate_record types every value as its column (as PostgREST's insert does).
-        sql = (
-            f"INSERT INTO dialog_analysis ({columns}) "  # noqa: S608
-            f"SELECT {columns} FROM jsonb_populate_record(NULL::dialog_analysis, $1::jsonb) "
-            f"RETURNING {returned}"
-        )
+    async def create_lead(self, row: LeadRow, cause: Cause | None = None) -> LeadRow:
+        columns = ", ".join(lead_columns(False))
         with self._guard("creating a lead"):
-            record = await self._pool.fetchrow(sql, values)
-        if record is None:  # pragma: no cover - INSERT ... RETURNING yields the row
+            record = await self._pool.fetchrow(
+                f"SELECT {columns} FROM crm_create_lead($1::jsonb, $2::jsonb)",  # noqa: S608
+                creation_values(row),
+                cause_json(cause),
+            )
+        if record is None:  # pragma: no cover - the function returns the row it inserted
             raise RuntimeError("insert returned no row")
         return lead_from_record(dict(record))
 
@@ -216,18 +216,73 @@ class PostgresStore:
         lead_id: uuid.UUID,
         changes: dict[str, Any],
         derived: dict[str, Any] | None = None,
+        cause: Cause | None = None,
     ) -> LeadRow | None:
         check_changes(changes, derived)
         columns = ", ".join(lead_columns(False))
         with self._guard("updating a lead"):
             record = await self._pool.fetchrow(
-                f"SELECT {columns} FROM crm_update_lead($1, $2, $3::jsonb, $4::jsonb)",  # noqa: S608
+                f"SELECT {columns} FROM crm_update_lead($1, $2, $3::jsonb, $4::jsonb, "  # noqa: S608
+                "$5::jsonb)",
                 account,
                 lead_id,
                 changes,
                 derived or {},
+                cause_json(cause),
             )
         return None if record is None else lead_from_record(dict(record))
+
+    # -- history and funnel ---------------------------------------------------------------
+    async def lead_history(
+        self, account: uuid.UUID, lead_id: uuid.UUID, limit: int, offset: int
+    ) -> HistoryPage | None:
+        with self._guard("reading a lead's history"):
+            result = await self._pool.fetchval(
+                "SELECT crm_lead_history_page($1, $2, $3, $4)", account, lead_id, limit, offset
+            )
+        return None if result is None else msgspec.convert(result, HistoryPage)
+
+    async def funnel(
+        self,
+        account: uuid.UUID,
+        since: datetime,
+        until: datetime,
+        instance: str | None,
+        stages: Sequence[str],
+    ) -> dict[str, FunnelRow]:
+        with self._guard("computing the funnel"):
+            result = await self._pool.fetchval(
+                "SELECT crm_funnel($1, $2, $3, $4, $5)",
+                account,
+                since,
+                until,
+                instance,
+                list(stages),
+            )
+        return msgspec.convert(result, dict[str, FunnelRow])
+
+    # -- outbox -------------------------------------------------------------------------
+    async def claim_outbox(self, limit: int, lease_seconds: float) -> list[OutboxEvent]:
+        with self._guard("claiming events"):
+            result = await self._pool.fetchval(
+                "SELECT crm_outbox_claim($1, $2)", limit, lease_seconds
+            )
+        return msgspec.convert(result, list[OutboxEvent])
+
+    async def outbox_published(self, ids: Sequence[uuid.UUID]) -> int:
+        with self._guard("marking events published"):
+            marked: int = await self._pool.fetchval("SELECT crm_outbox_done($1)", list(ids))
+        return marked
+
+    async def release_outbox(self, ids: Sequence[uuid.UUID]) -> int:
+        with self._guard("releasing events"):
+            released: int = await self._pool.fetchval("SELECT crm_outbox_release($1)", list(ids))
+        return released
+
+    async def outbox_depth(self) -> int:
+        with self._guard("counting events"):
+            depth: int = await self._pool.fetchval("SELECT crm_outbox_depth()")
+        return depth
 
     async def delete_lead(self, account: uuid.UUID, lead_id: uuid.UUID) -> bool:
         with self._guard("deleting a lead"):

@@ -23,6 +23,7 @@ import json
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 import httpx
@@ -40,10 +41,12 @@ from service.adapters.stores.base import (
     InstanceMove,
     LeadQuery,
     LeadStats,
+    OutboxEvent,
     StoreAccessError,
     StoredState,
     StoreUnavailableError,
     UpsertResult,
+    cause_json,
     check_changes,
     creation_values,
     lead_columns,
@@ -51,6 +54,7 @@ from service.adapters.stores.base import (
     state_from_record,
 )
 from service.adapters.stores.postgres import checked_mapping
+from service.domain.history import Cause, FunnelRow, HistoryPage
 from service.domain.lead import LeadRow
 from service.domain.webhooks import Claim, WebhookEndpoint
 
@@ -369,11 +373,13 @@ class SupabaseStore:
         )
         return msgspec.convert(response.data, LeadStats)
 
-    async def create_lead(self, row: LeadRow) -> LeadRow:
-        values = creation_values(row)
+    async def create_lead(self, row: LeadRow, cause: Cause | None = None) -> LeadRow:
+        params = {"p_row": creation_values(row), "p_cause": cause_json(cause)}
         response = await self._run(
             "creating a lead",
-            lambda: self._leads().insert(values).select(*lead_columns(False)).execute(),
+            lambda: (
+                self._client.rpc("crm_create_lead", params).select(*lead_columns(False)).execute()
+            ),
             repeatable=False,
         )
         return lead_from_record(response.data[0])
@@ -384,6 +390,7 @@ class SupabaseStore:
         lead_id: uuid.UUID,
         changes: dict[str, Any],
         derived: dict[str, Any] | None = None,
+        cause: Cause | None = None,
     ) -> LeadRow | None:
         check_changes(changes, derived)
         params = {
@@ -391,7 +398,9 @@ class SupabaseStore:
             "p_id": str(lead_id),
             "p_changes": msgspec.to_builtins(changes),
             "p_derived": msgspec.to_builtins(derived or {}),
+            "p_cause": cause_json(cause),
         }
+        # Repeatable: a repeat finds the values set already, so it records no change.
         response = await self._run(
             "updating a lead",
             lambda: (
@@ -399,6 +408,49 @@ class SupabaseStore:
             ),
         )
         return lead_from_record(response.data[0]) if response.data else None
+
+    async def lead_history(
+        self, account: uuid.UUID, lead_id: uuid.UUID, limit: int, offset: int
+    ) -> HistoryPage | None:
+        params = {"p_account": str(account), "p_id": str(lead_id), "p_limit": limit}
+        params["p_offset"] = offset
+        data = await self._call("reading a lead's history", "crm_lead_history_page", params)
+        return None if data is None else msgspec.convert(data, HistoryPage)
+
+    async def funnel(
+        self,
+        account: uuid.UUID,
+        since: datetime,
+        until: datetime,
+        instance: str | None,
+        stages: Sequence[str],
+    ) -> dict[str, FunnelRow]:
+        params = {
+            "p_account": str(account),
+            "p_since": since.isoformat(),
+            "p_until": until.isoformat(),
+            "p_instance": instance,
+            "p_stages": list(stages),
+        }
+        data = await self._call("computing the funnel", "crm_funnel", params)
+        return msgspec.convert(data or {}, dict[str, FunnelRow])
+
+    async def claim_outbox(self, limit: int, lease_seconds: float) -> list[OutboxEvent]:
+        params = {"p_limit": limit, "p_lease_seconds": lease_seconds}
+        # Repeatable: a claim whose answer was lost leaves its rows to the lease's end.
+        data = await self._call("claiming events", "crm_outbox_claim", params)
+        return msgspec.convert(data or [], list[OutboxEvent])
+
+    async def outbox_published(self, ids: Sequence[uuid.UUID]) -> int:
+        params = {"p_ids": [str(i) for i in ids]}
+        return int(await self._call("marking events published", "crm_outbox_done", params))
+
+    async def release_outbox(self, ids: Sequence[uuid.UUID]) -> int:
+        params = {"p_ids": [str(i) for i in ids]}
+        return int(await self._call("releasing events", "crm_outbox_release", params))
+
+    async def outbox_depth(self) -> int:
+        return int(await self._call("counting events", "crm_outbox_depth", {}))
 
     async def delete_lead(self, account: uuid.UUID, lead_id: uuid.UUID) -> bool:
         response = await self._run(

@@ -1,13 +1,21 @@
-"""Builds the app context once at start: the adapters a command needs, nothing more."""
+"""Builds a process's parts once at start: the adapters it needs, nothing more.
+
+`serve`, `consume` and `run` get an AppContext (what the HTTP app and the consumers
+share); `backfill` and the admin commands get typed parts with every field present.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from service.adapters.analyzers.base import Analyzer
 from service.adapters.broker.notifier import HotLeads
 from service.adapters.broker.topology import Topology
+from service.adapters.evolution.reader import EvolutionReader
+from service.adapters.stores.base import ResultsStore
+from service.adapters.stores.factory import open_store
 from service.bootstrap.context import AppContext
 from service.config import Settings
 from service.metrics import Metrics
@@ -74,3 +82,54 @@ async def app_context(
                 settings, ctx.reader, ctx.store, ctx.analyzer, ctx.metrics, on_hot=ctx.hot_leads
             )
         yield ctx
+
+
+@dataclass(frozen=True)
+class ReadParts:
+    """`backfill --dry-run`, `eval --from-edits`: the results store and Evolution's DB."""
+
+    settings: Settings
+    store: ResultsStore
+    reader: EvolutionReader
+
+
+@dataclass(frozen=True)
+class BackfillParts(ReadParts):
+    """`backfill`: the analysis pipeline over the same two databases."""
+
+    metrics: Metrics
+    pipeline: Pipeline
+
+
+@contextlib.asynccontextmanager
+async def read_parts(settings: Settings) -> AsyncIterator[ReadParts]:
+    async with contextlib.AsyncExitStack() as stack:
+        store, reader = await _databases(settings, stack)
+        yield ReadParts(settings=settings, store=store, reader=reader)
+
+
+@contextlib.asynccontextmanager
+async def backfill_parts(settings: Settings) -> AsyncIterator[BackfillParts]:
+    async with contextlib.AsyncExitStack() as stack:
+        store, reader = await _databases(settings, stack)
+        analyzer = make_analyzer(settings)
+        stack.push_async_callback(analyzer.close)
+        metrics = Metrics()
+        yield BackfillParts(
+            settings=settings,
+            store=store,
+            reader=reader,
+            metrics=metrics,
+            pipeline=Pipeline(settings, reader, store, analyzer, metrics),
+        )
+
+
+async def _databases(
+    settings: Settings, stack: contextlib.AsyncExitStack
+) -> tuple[ResultsStore, EvolutionReader]:
+    store = await open_store(settings)
+    stack.push_async_callback(store.close)
+    url = settings.evolution_url()
+    reader = await EvolutionReader.connect(url.dsn, url.schema or "auto", pooler=url.pooler)
+    stack.push_async_callback(reader.close)
+    return store, reader

@@ -15,12 +15,16 @@ import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import msgspec
 
 from service.config import ConfigError, Settings, load_settings
 from service.logs import setup_logging
+
+if TYPE_CHECKING:  # the commands import what they use when run: `--help` stays fast
+    from service.bootstrap.builders import ReadParts
+    from service.usecases.backfill import BackfillOptions
 
 EXIT_USAGE = 2
 
@@ -343,38 +347,15 @@ async def _cmd_topology(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
-    from service.bootstrap.builders import app_context
+    from service.adapters.analyzers.prompt import estimate_tokens
+    from service.bootstrap.builders import backfill_parts, read_parts
     from service.cli.progress import Progress
-    from service.usecases.backfill import BackfillOptions, BackfillStats, dry_run, run_backfill
+    from service.usecases.backfill import BackfillStats, dry_run, run_backfill
 
-    async with app_context(settings, analyzer=not args.dry_run) as ctx:
-        reader = ctx.reader
-        store = ctx.require_store()
-        assert reader is not None
-        if not await reader.instance_exists(args.instance):
-            raise UserError(f"unknown instance {args.instance!r}: no such Evolution instance")
-        account = args.account or await store.instance_account(args.instance)
-        if account is None:
-            raise UserError(
-                f"instance {args.instance!r} is not mapped to an account: pass --account or run "
-                f"`crm-backend instances add {args.instance} --account <uuid>`"
-            )
-        mapped = await store.instance_account(args.instance)
-        if mapped is not None and mapped != account:
-            raise UserError(f"instance {args.instance!r} belongs to another account")
-        options = BackfillOptions(
-            instance=args.instance,
-            account=account,
-            min_incoming=settings.min_incoming if args.min_incoming is None else args.min_incoming,
-            max_contacts=args.max_contacts,
-            max_dialogs=args.max_dialogs,
-            concurrency=args.concurrency or settings.analysis_concurrency,
-            since=args.since,
-            force=args.force,
-        )
-        if args.dry_run:
-            from service.adapters.analyzers.prompt import estimate_tokens
-
+    if args.dry_run:
+        async with read_parts(settings) as parts:
+            reader, store = parts.reader, parts.store
+            options = await _backfill_options(parts, settings, args)
             estimate = await dry_run(
                 reader,
                 options,
@@ -387,7 +368,10 @@ async def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
             print(msgspec.json.encode(estimate).decode())
             return 0
 
-        pipeline = ctx.require_pipeline()
+    async with backfill_parts(settings) as ctx:
+        reader = ctx.reader
+        options = await _backfill_options(ctx, settings, args)
+        pipeline = ctx.pipeline
         progress = Progress(sys.stderr)
         stats = BackfillStats.zero()
         task = asyncio.create_task(
@@ -408,6 +392,35 @@ async def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
         out.pop("skipped", None)
         print(msgspec.json.encode(out).decode())
         return 130 if interrupted else 0
+
+
+async def _backfill_options(
+    parts: ReadParts, settings: Settings, args: argparse.Namespace
+) -> BackfillOptions:
+    from service.usecases.backfill import BackfillOptions
+
+    reader, store = parts.reader, parts.store
+    if not await reader.instance_exists(args.instance):
+        raise UserError(f"unknown instance {args.instance!r}: no such Evolution instance")
+    account = args.account or await store.instance_account(args.instance)
+    if account is None:
+        raise UserError(
+            f"instance {args.instance!r} is not mapped to an account: pass --account or run "
+            f"`crm-backend instances add {args.instance} --account <uuid>`"
+        )
+    mapped = await store.instance_account(args.instance)
+    if mapped is not None and mapped != account:
+        raise UserError(f"instance {args.instance!r} belongs to another account")
+    return BackfillOptions(
+        instance=args.instance,
+        account=account,
+        min_incoming=settings.min_incoming if args.min_incoming is None else args.min_incoming,
+        max_contacts=args.max_contacts,
+        max_dialogs=args.max_dialogs,
+        concurrency=args.concurrency or settings.analysis_concurrency,
+        since=args.since,
+        force=args.force,
+    )
 
 
 def _require_rest_auth(settings: Settings) -> None:
@@ -575,12 +588,11 @@ async def _cases_from_edits(
     settings: Settings, args: argparse.Namespace, has_truth: Any, truth_from_edits: Any
 ) -> list[Any]:
     from service.adapters.stores.base import LeadQuery
-    from service.bootstrap.builders import app_context
+    from service.bootstrap.builders import read_parts
     from service.usecases.evaluation import EvalCase
 
-    async with app_context(settings, analyzer=False) as ctx:
-        store, reader = ctx.require_store(), ctx.reader
-        assert reader is not None
+    async with read_parts(settings) as ctx:
+        store, reader = ctx.store, ctx.reader
         account = args.account or await store.instance_account(args.instance)
         if account is None:
             raise UserError(

@@ -52,10 +52,10 @@ def _body(phone: str, text: str, ts: int, msg_id: str) -> dict[str, Any]:
 
 
 async def _bench(args: argparse.Namespace) -> int:
-    from aiohttp import web
 
     from consumers.contacts import ContactConsumer
     from handlers.http_app import make_app
+    from handlers.server import start_local
     from service.adapters.evolution.seed import (
         create_instance,
         create_schema,
@@ -99,11 +99,7 @@ async def _bench(args: argparse.Namespace) -> int:
                 await ctx.require_store().add_instance("bench", uuid.uuid4())
                 consumer = ContactConsumer(ctx)
                 await consumer.start()
-                runner = web.AppRunner(make_app(ctx), access_log=None)
-                await runner.setup()
-                site = web.TCPSite(runner, "127.0.0.1", 0)
-                await site.start()
-                port = runner.addresses[0][1]
+                runner, port = await start_local(make_app(ctx))
                 url = f"http://127.0.0.1:{port}/webhooks/evolution?token=bench"
                 evo_conn = await asyncpg.create_pool(_dsn(evo), min_size=1, max_size=args.parallel)
                 res_conn = await asyncpg.create_pool(_dsn(res), min_size=1, max_size=args.parallel)

@@ -184,6 +184,14 @@ async def start_site(app: web.Application, settings: Settings) -> web.AppRunner:
     return runner
 
 
+async def start_local(app: web.Application) -> tuple[web.AppRunner, int]:
+    """Serve `app` on a free port of 127.0.0.1 (demo, benchmarks): the runner and the port."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, int(runner.addresses[0][1])
+
+
 def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
     """asyncio reports every failed accept() (EMFILE, ENFILE, ENOBUFS) as an ERROR with a
     traceback, many a second under a flood: one line a minute is enough."""

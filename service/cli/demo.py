@@ -114,10 +114,10 @@ async def run_demo(
     evolution_db: str = DEMO_EVOLUTION_DB,
 ) -> list[LeadRow]:
     """Run the demo; returns the leads it printed. `speed` = seconds between messages."""
-    from aiohttp import web
 
     from consumers.contacts import ContactConsumer
     from handlers.http_app import make_app
+    from handlers.server import start_local
     from service.adapters.evolution.seed import insert_webhook_message
     from service.adapters.stores.migrations import apply_migrations
     from service.bootstrap.builders import app_context
@@ -146,11 +146,7 @@ async def run_demo(
         await store.add_instance(DEMO_INSTANCE, DEMO_ACCOUNT)
         consumer = ContactConsumer(ctx)
         await consumer.start()
-        runner = web.AppRunner(make_app(ctx), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = _bound_port(runner)
+        runner, port = await start_local(make_app(ctx))
         url = f"http://127.0.0.1:{port}/webhooks/evolution?token={webhook_token}"
         say(
             f"replaying {len(bodies)} messages of {len(dialogs)} dialogs as Evolution webhooks "
@@ -200,14 +196,6 @@ def _printer(out: TextIO) -> Any:
         print(text, file=out, flush=True)
 
     return say
-
-
-def _bound_port(runner: Any) -> int:
-    for site in runner.sites:
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            return int(server.sockets[0].getsockname()[1])
-    raise RuntimeError("demo server did not bind a port")
 
 
 def _expected_last_ids(bodies: list[dict[str, Any]]) -> dict[str, str]:

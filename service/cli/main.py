@@ -12,7 +12,7 @@ import contextlib
 import signal
 import sys
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -23,6 +23,7 @@ from service.config import ConfigError, Settings, load_settings
 from service.logs import setup_logging
 
 if TYPE_CHECKING:  # the commands import what they use when run: `--help` stays fast
+    from service.adapters.stores.base import ResultsStore
     from service.bootstrap.builders import ReadParts
     from service.usecases.backfill import BackfillOptions
 
@@ -233,10 +234,7 @@ async def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _cmd_instances(settings: Settings, args: argparse.Namespace) -> int:
-    from service.adapters.stores.factory import open_store
-
-    store = await open_store(settings)
-    try:
+    async with _store(settings) as store:
         if args.action == "add":
             mapping = await store.add_instance(args.name, args.account)
             print(f"{mapping.instance_name} -> {mapping.user_account_id}")
@@ -262,17 +260,13 @@ async def _cmd_instances(settings: Settings, args: argparse.Namespace) -> int:
             if not await store.remove_instance(args.name):
                 raise UserError(f"instance {args.name!r} is not mapped")
             print(f"removed {args.name}")
-    finally:
-        await store.close()
     return 0
 
 
 async def _cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
-    from service.adapters.stores.factory import open_store
     from service.usecases.api_keys import create_key
 
-    store = await open_store(settings)
-    try:
+    async with _store(settings) as store:
         if args.action == "create":
             key, record = await create_key(store, args.account, args.name)
             print(key)
@@ -293,9 +287,18 @@ async def _cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
             ):
                 raise UserError(f"no active API key {args.key[:12]!r}")
             print(f"revoked {args.key[:12]}")
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def _store(settings: Settings) -> AsyncIterator[ResultsStore]:
+    from service.adapters.stores.factory import open_store
+
+    store = await open_store(settings)
+    try:
+        yield store
     finally:
         await store.close()
-    return 0
 
 
 async def _cmd_index(settings: Settings, args: argparse.Namespace) -> int:

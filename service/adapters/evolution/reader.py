@@ -231,7 +231,9 @@ WITH dedup AS (
                 WHERE m."instanceId" = {q.instance_id} AND {live} AND {q.not_deleted()}
             ) s
         ) v
-        WHERE v.who IS NOT NULL
+        -- No "WHERE who IS NOT NULL" here: each mention of `who` evaluates the identity
+        -- expression again (subqueries are flattened). Messages without a contact (groups,
+        -- ~3 %) sort as one more group, which the final WHERE drops.
     ) w
     ORDER BY w.wh, w.who, w.kh, w.kid, w.ts DESC
 ), per_jid AS (

@@ -122,6 +122,10 @@ class Harness:
         self.ctx = ctx
         self.client = client
         self.consumer: Any = None
+        # Tests send dozens of webhooks at once; their own writes and reads take few
+        # connections, so the service's pools (warm in consume processes) have room
+        # within PostgreSQL's 100.
+        self._db_slots = asyncio.Semaphore(8)
 
     async def evolution_conn(self) -> asyncpg.Connection[Any]:
         return await asyncpg.connect(self.settings.evolution_dsn())
@@ -130,11 +134,12 @@ class Harness:
         """Write the webhook's message to the Evolution DB, as Evolution does."""
         from service.adapters.evolution.seed import insert_webhook_message
 
-        conn = await self.evolution_conn()
-        try:
-            await insert_webhook_message(conn, body)
-        finally:
-            await conn.close()
+        async with self._db_slots:
+            conn = await self.evolution_conn()
+            try:
+                await insert_webhook_message(conn, body)
+            finally:
+                await conn.close()
 
     async def send(self, body: dict[str, Any], *, store: bool = True) -> int:
         """Store the message in the Evolution DB (unless told not to), then post it."""
@@ -145,16 +150,17 @@ class Harness:
         return resp.status
 
     async def row(self, phone: str, instance: str = INSTANCE) -> LeadRow | None:
-        conn = await asyncpg.connect(self.settings.results_database_url)
-        try:
-            record = await conn.fetchrow(
-                "SELECT id, user_account_id FROM dialog_analysis "
-                "WHERE instance_name = $1 AND contact_phone = $2",
-                instance,
-                phone,
-            )
-        finally:
-            await conn.close()
+        async with self._db_slots:
+            conn = await asyncpg.connect(self.settings.results_database_url)
+            try:
+                record = await conn.fetchrow(
+                    "SELECT id, user_account_id FROM dialog_analysis "
+                    "WHERE instance_name = $1 AND contact_phone = $2",
+                    instance,
+                    phone,
+                )
+            finally:
+                await conn.close()
         if record is None:
             return None
         return await self.ctx.require_store().get_lead(

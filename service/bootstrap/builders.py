@@ -44,21 +44,28 @@ async def app_context(
     metrics: Metrics | None = None,
     hot_leads: bool = False,
     lifecycle: bool = False,
+    warm: bool = False,
 ) -> AsyncIterator[AppContext]:
-    """Open the requested adapters; close them all on exit, newest first."""
+    """Open the requested adapters; close them all on exit, newest first. `warm`: open
+    the database pools with a connection per parallel analysis (consuming processes)."""
     ctx = AppContext(settings=settings, metrics=metrics or Metrics())
     async with contextlib.AsyncExitStack() as stack:
         if store:
             from service.adapters.stores.factory import open_store
 
-            ctx.store = await open_store(settings)
+            ctx.store = await open_store(settings, warm=warm)
             stack.push_async_callback(ctx.store.close)
         if reader:
-            from service.adapters.evolution.reader import EvolutionReader
+            from service.adapters.evolution.reader import READER_POOL_SIZE, EvolutionReader
+            from service.adapters.stores.factory import warm_pool_size
 
             url = settings.evolution_url()
             ctx.reader = await EvolutionReader.connect(
-                url.dsn, url.schema or "auto", pooler=url.pooler
+                url.dsn,
+                url.schema or "auto",
+                pooler=url.pooler,
+                min_size=warm_pool_size(settings, READER_POOL_SIZE) if warm else 1,
+                max_size=READER_POOL_SIZE,
             )
             stack.push_async_callback(ctx.reader.close)
         if analyzer:

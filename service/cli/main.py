@@ -460,7 +460,7 @@ async def _serve_until_stopped(settings: Settings, *, consume: bool, serve: bool
             loop.add_signal_handler(sig, stop.set)
     bridge_on = consume and bool(settings.evolution_amqp_exchange)
     async with app_context(
-        settings, publisher=serve or bridge_on, lifecycle=True, hot_leads=consume
+        settings, publisher=serve or bridge_on, lifecycle=True, hot_leads=consume, warm=consume
     ) as ctx:
         workers: list[Any] = []  # consumers; started in the background
         starting: list[asyncio.Task[None]] = []

@@ -56,6 +56,9 @@ _NOT_A_NAME = ("", "Você")
 _AGGREGATE_WORK_MEM = "64MB"
 _AGGREGATE_WORKERS = 2
 _PAGE_SIZE = 500
+# Connections to the Evolution database per process (reads are short; parallel analyses
+# beyond this wait for a connection).
+READER_POOL_SIZE = 10
 # Errors that mean "the database is not reachable right now" (transient), as opposed to
 # a bug in a query.
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -404,7 +407,7 @@ class EvolutionReader:
         *,
         pooler: bool = False,
         min_size: int = 1,
-        max_size: int = 10,
+        max_size: int = READER_POOL_SIZE,
         connect_timeout: float = 10.0,
         command_timeout: float | None = 300.0,
     ) -> EvolutionReader:

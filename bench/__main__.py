@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import pkgutil
 import sys
 import time
@@ -43,6 +44,10 @@ def run_one(name: str, argv: list[str]) -> int:
     return int(result or 0)
 
 
+def _load() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     passthrough: list[str] = []
@@ -59,10 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     status = 0
     for name in args or available:
-        print(f"=== bench {name}", flush=True)
+        # The machine is shared: the load beside each figure says how far to trust it.
+        print(f"=== bench {name} (load average {_load()})", flush=True)
         started = time.monotonic()
         code = run_one(name, passthrough)
-        print(f"=== bench {name}: exit {code} in {time.monotonic() - started:.1f} s", flush=True)
+        print(
+            f"=== bench {name}: exit {code} in {time.monotonic() - started:.1f} s "
+            f"(load average {_load()})",
+            flush=True,
+        )
         status = status or code
     return status
 

@@ -185,10 +185,27 @@ def _wrapped_non_turn_sql(alias: str) -> str:
     return f'({alias}."messageType" IN ({types}) AND ({inner}))'
 
 
+def _sort_key_sql(ts: str) -> str:
+    """A message time as 10 digits (int4 shifted to be non-negative), so that the text
+    `key || id` sorts as (time, id): a text max() then picks the newest message of a
+    contact without a second sort or an ordered aggregate."""
+    return f"lpad(({ts}::bigint + 2147483648)::text, 10, '0')"
+
+
 def contacts_sql(schema: str) -> str:
     """The contacts aggregate. Parameters: $1 instance name, $2 skipped types,
     $3 min incoming, $4 since (unix seconds or NULL), $5 limit (or NULL), $6 names that
-    are not names."""
+    are not names.
+
+    One sort over the instance's messages de-duplicates them (one row per contact and
+    WhatsApp id, its newest copy). Its leading keys are 64-bit hashes of contact and id,
+    so almost every comparison is one of two integers (contact JIDs share long prefixes,
+    which makes text comparisons slow); the texts follow the hashes, so a collision
+    cannot merge two contacts or two messages. The same order groups the contacts.
+    Newest-first choices (last message id, contact name) are text maxima over
+    `_sort_key_sql(ts) || id [|| chr(1) || name]`: ids never hold control characters
+    (WhatsApp ids and Evolution's row ids are printable), so chr(1) ends the id.
+    """
     q = _Sql(schema)
     live = q.live
     lid = (
@@ -198,40 +215,41 @@ def contacts_sql(schema: str) -> str:
     # The phone JID (never the business's own number); a LID-only chat is grouped under
     # its LID and mapped to a phone below.
     who = f"COALESCE(NULLIF({phone_jid_sql_from('s.rj', 's.k')}, s.owner), {lid})"
+    t = _sort_key_sql("ts")
     return f"""
 WITH dedup AS (
     -- One row per stored WhatsApp message: a message stored twice (an edit rewrites one
     -- copy and its timestamp) counts once, as its newest copy.
-    SELECT DISTINCT ON (w.who, w.kid) w.who, w.ts, w.kid, w.fm, w.push, w.lid
+    SELECT DISTINCT ON (w.wh, w.who, w.kh, w.kid) w.wh, w.who, w.ts, w.kid, w.fm, w.push, w.lid
     FROM (
-        SELECT {who} COLLATE "C" AS who, s.ts, s.kid, s.fm, s.push, {lid} AS lid
+        SELECT v.*, hashtextextended(v.who, 0) AS wh, hashtextextended(v.kid, 0) AS kh
         FROM (
-            SELECT m."key" AS k, m."key"->>'remoteJid' AS rj, m."messageTimestamp" AS ts,
-                COALESCE(m."key"->>'id', m.id) COLLATE "C" AS kid,
-                COALESCE(m."key"->>'fromMe' = 'true', false) AS fm, {_push_sql("m")} AS push,
-                o.owner
-            FROM {q.message} m, (SELECT {q.owner} AS owner) o
-            WHERE m."instanceId" = {q.instance_id} AND {live} AND {q.not_deleted()}
-        ) s
+            SELECT {who} COLLATE "C" AS who, s.ts, s.kid, s.fm, s.push, {lid} AS lid
+            FROM (
+                SELECT m."key" AS k, m."key"->>'remoteJid' AS rj, m."messageTimestamp" AS ts,
+                    COALESCE(m."key"->>'id', m.id) COLLATE "C" AS kid,
+                    COALESCE(m."key"->>'fromMe' = 'true', false) AS fm,
+                    {_push_sql("m")} AS push, o.owner
+                FROM {q.message} m, (SELECT {q.owner} AS owner) o
+                WHERE m."instanceId" = {q.instance_id} AND {live} AND {q.not_deleted()}
+            ) s
+        ) v
+        -- No "WHERE who IS NOT NULL" here: each mention of `who` evaluates the identity
+        -- expression again (subqueries are flattened). Messages without a contact (groups,
+        -- ~3 %) sort as one more group, which the final WHERE drops.
     ) w
-    WHERE w.who IS NOT NULL
-    ORDER BY w.who, w.kid, w.ts DESC
-), msgs AS (
-    -- Newest first within each contact.
-    SELECT * FROM dedup ORDER BY who, ts DESC, kid DESC
+    ORDER BY w.wh, w.who, w.kh, w.kid, w.ts DESC
 ), per_jid AS (
-    -- Input is newest first within each contact, so an array's first element is the
-    -- newest value (cheaper than a window or a sort per group).
     SELECT who,
         count(*) FILTER (WHERE NOT fm) AS incoming,
         count(*) FILTER (WHERE fm) AS outgoing,
         min(ts) AS first_ts, max(ts) AS last_ts,
-        (array_agg(kid))[1] AS last_id,
-        (array_agg(push) FILTER (WHERE NOT fm AND push <> ALL($6::text[])))[1] AS name,
-        max(ts) FILTER (WHERE NOT fm AND push <> ALL($6::text[])) AS name_ts,
+        max({t} || kid) AS last,
+        max({t} || kid || chr(1) || push) FILTER (WHERE NOT fm AND push <> ALL($6::text[]))
+            AS named,
         max(lid) AS lid
-    FROM msgs
-    GROUP BY who
+    FROM dedup
+    GROUP BY wh, who
 ), lidmap AS (
     -- LID → phone, from messages that carried both.
     SELECT lid, min(who) AS phone
@@ -243,13 +261,12 @@ WITH dedup AS (
     SELECT COALESCE(l.phone, p.who) AS phone,
         sum(p.incoming)::int AS incoming, sum(p.outgoing)::int AS outgoing,
         min(p.first_ts) AS first_ts, max(p.last_ts) AS last_ts,
-        (array_agg(p.last_id ORDER BY p.last_ts DESC, p.last_id DESC))[1] AS last_id,
-        (array_agg(p.name ORDER BY p.name_ts DESC) FILTER (WHERE p.name IS NOT NULL))[1]
-            AS name
+        max(p.last) AS last, max(p.named) AS named
     FROM per_jid p LEFT JOIN lidmap l ON l.lid = p.who
     GROUP BY 1
 )
-SELECT phone, incoming, outgoing, first_ts, last_ts, last_id, name
+SELECT phone, incoming, outgoing, first_ts, last_ts, substr(last, 11) AS last_id,
+    substr(named, strpos(named, chr(1)) + 1) AS name
 FROM per_contact
 WHERE phone LIKE '%{PHONE_SUFFIX}' AND incoming >= $3 AND ($4::int IS NULL OR last_ts >= $4)
 ORDER BY last_ts DESC, phone DESC

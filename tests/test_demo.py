@@ -7,7 +7,9 @@ import json
 import secrets
 from pathlib import Path
 
-from service.cli.demo import DEMO_ACCOUNT, run_demo, webhook_bodies
+import pytest
+
+from service.cli.demo import DEMO_ACCOUNT, _with_database, run_demo, webhook_bodies
 from service.config import load_settings
 from tests.conftest import drop_database
 from tests.harness import delete_topology
@@ -58,3 +60,19 @@ async def test_demo_prints_every_lead(results_dsn: str, amqp_prefix: str) -> Non
     assert f"userAccountId={DEMO_ACCOUNT}" in text and "/metrics" in text
     hot = sum(1 for r in rows if r.interest_level == "hot")
     assert f"{len(rows)} leads ({hot} hot" in text
+
+
+@pytest.mark.parametrize(
+    ("server", "expected"),
+    [
+        ("postgresql:///crm", "postgresql:///crm_demo"),
+        (
+            "postgresql://u:p@db:5432/crm?sslmode=require",
+            "postgresql://u:p@db:5432/crm_demo?sslmode=require",
+        ),
+        ("postgres://127.0.0.1/crm", "postgres://127.0.0.1/crm_demo"),
+    ],
+)
+def test_demo_database_keeps_the_server_form(server: str, expected: str) -> None:
+    # A socket DSN without a host must stay a socket DSN, not turn into host "crm_demo".
+    assert _with_database(server, "crm_demo") == expected

@@ -18,7 +18,7 @@ import uuid
 from datetime import datetime
 from importlib import resources
 from typing import Any, TextIO
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -77,8 +77,12 @@ def webhook_bodies(dialogs: list[dict[str, Any]], instance: str) -> list[dict[st
 
 
 def _with_database(dsn: str, name: str) -> str:
+    """`dsn` with another database name; keeps a socket form such as `postgresql:///crm`."""
     parts = urlsplit(dsn)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+    # urlunsplit drops the `//` of an empty host, and libpq then reads the path as a host.
+    query = f"?{parts.query}" if parts.query else ""
+    fragment = f"#{parts.fragment}" if parts.fragment else ""
+    return f"{parts.scheme}://{parts.netloc}/{name}{query}{fragment}"
 
 
 async def _fresh_evolution_db(settings: Settings, name: str) -> str:

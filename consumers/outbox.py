@@ -19,17 +19,11 @@ import contextlib
 import time
 import uuid
 
-import aio_pika
 import msgspec
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from loguru import logger
 
-from service.adapters.broker.confirm import (
-    BrokerUnavailableError,
-    NackedError,
-    publish_confirmed,
-)
-from service.adapters.broker.connection import connect_cluster
+from service.adapters.broker.confirm import BrokerUnavailableError
+from service.adapters.broker.publisher import EventPublisher
 from service.adapters.broker.topology import Topology
 from service.adapters.stores.base import OutboxEvent, StoreUnavailableError
 from service.bootstrap.context import AppContext
@@ -48,36 +42,35 @@ class OutboxDrainer:
         *,
         batch: int = 100,
     ) -> None:
-        self._settings = ctx.settings
         self._store = ctx.require_store()
         self._metrics = ctx.metrics
         self._topology = topology or Topology(ctx.settings)
+        # A publisher of its own (connection named "outbox"): the same confirmed, routed
+        # publish, reconnect and channel renewal after a nack as every other publisher.
+        self._publisher = EventPublisher(
+            ctx.settings,
+            topology=self._topology,
+            timeout=_PUBLISH_TIMEOUT,
+            connection_role="outbox",
+        )
         self._batch = batch
         # Longer than a batch takes to publish (each publish is bounded by _PUBLISH_TIMEOUT).
         self._lease = ctx.settings.outbox_lease_seconds
         self._poll = ctx.settings.outbox_poll_seconds  # pause when empty or after a failure
-        self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractChannel | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._depth_at = 0.0
         self.published = 0  # events published by this process (tests, logs)
 
     async def start(self, stop: asyncio.Event | None = None) -> None:
-        """Connect (retrying while no node is reachable) and start draining."""
+        """Wait (with backoff) until the broker takes a channel, then start draining."""
         delay = 0.5
-        while True:
-            try:
-                self._connection = await connect_cluster(self._settings, "outbox")
-                break
-            except (OSError, aio_pika.exceptions.AMQPError, TimeoutError) as exc:
-                logger.warning("broker unreachable, retrying in {:.1f}s: {}", delay, exc)
-                if stop is not None and stop.is_set():
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 15.0)
-        self._channel = await self._open_channel()
-        await self._topology.declare(self._channel)
+        while not await self._publisher.ping():
+            if stop is not None and stop.is_set():
+                raise BrokerUnavailableError("RabbitMQ unreachable; stopped while waiting")
+            logger.warning("broker unreachable, retrying in {:.1f}s", delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 15.0)
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
@@ -90,9 +83,7 @@ class OutboxDrainer:
                 self._task.cancel()
                 with contextlib.suppress(BaseException):
                     await self._task
-        if self._connection is not None:
-            with contextlib.suppress(Exception):
-                await self._connection.close()
+        await self._publisher.close()
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
@@ -130,35 +121,12 @@ class OutboxDrainer:
         return len(done)
 
     async def _publish(self, event: OutboxEvent) -> None:
-        if self._channel is None or self._channel.is_closed:
-            self._channel = await self._open_channel()
-        try:
-            async with asyncio.timeout(_PUBLISH_TIMEOUT):
-                await publish_confirmed(
-                    self._channel,
-                    self._topology.events_exchange,
-                    event.type,
-                    msgspec.json.encode(event.body),
-                    message_id=str(event.id),
-                )
-        except NackedError:
-            # The broker may keep refusing on this channel (see confirm.NackedError).
-            old, self._channel = self._channel, None
-            with contextlib.suppress(Exception):
-                await old.close()
-            raise
-        except TimeoutError:
-            raise BrokerUnavailableError(
-                f"RabbitMQ did not confirm within {_PUBLISH_TIMEOUT:g}s"
-            ) from None
-
-    async def _open_channel(self) -> AbstractChannel:
-        if self._connection is None:
-            raise BrokerUnavailableError("not connected")
-        try:
-            return await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-        except Exception as exc:
-            raise BrokerUnavailableError(f"cannot open a channel: {exc}") from None
+        await self._publisher.publish_raw(
+            self._topology.events_exchange,
+            event.type,
+            msgspec.json.encode(event.body),
+            message_id=str(event.id),
+        )
 
     async def _note_depth(self) -> None:
         now = time.monotonic()

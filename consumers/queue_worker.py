@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
-import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
@@ -18,9 +18,13 @@ from aio_pika.abc import (
 )
 from loguru import logger
 
-from service.adapters.broker.connection import connect_cluster
+from service.adapters.broker.confirm import BrokerUnavailableError
+from service.adapters.broker.connection import connect_until_up
+from service.adapters.broker.publisher import EventPublisher
 from service.adapters.broker.topology import Topology
 from service.config import Settings
+
+PAUSE = 1.0  # seconds before a delivery that could not be forwarded is returned
 
 
 class QueueWorker:
@@ -43,23 +47,17 @@ class QueueWorker:
         self._stopping = False
 
     async def start(self, stop: asyncio.Event | None = None) -> None:
-        delay = 0.5
-        while True:
-            try:
-                self._connection = await connect_cluster(self._settings, self.role)
-                break
-            except (OSError, aio_pika.exceptions.AMQPError, TimeoutError) as exc:
-                # Only the first connect raises; later drops are recovered by aio-pika.
-                logger.warning("broker unreachable, retrying in {:.1f}s: {}", delay, exc)
-                if stop is not None and stop.is_set():
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 15.0)
+        """Connect (retrying while the broker is down), declare, start consuming."""
+        self._connection = await connect_until_up(self._settings, self.role, stop)
         channel = self._channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=self._prefetch)
         await self._topology.declare(channel)
-        self._queue = await channel.get_queue(self._queue_name, ensure=True)
+        self._queue = await channel.get_queue(await self.queue_on(channel), ensure=True)
         self._tag = await self._queue.consume(self._on_message, no_ack=False)
+
+    async def queue_on(self, channel: AbstractChannel) -> str:
+        """The queue to consume (declared by the topology unless a subclass adds one)."""
+        return self._queue_name
 
     async def stop(self) -> None:
         self._stopping = True
@@ -108,3 +106,29 @@ async def settle(message: AbstractIncomingMessage, *, ack: bool) -> None:
     except Exception as exc:
         # Channel gone (broker restart): the broker redelivers it.
         logger.debug("settling a delivery failed: {}", exc)
+
+
+async def forward(
+    publisher: EventPublisher,
+    message: AbstractIncomingMessage,
+    exchange: str,
+    routing_key: str,
+    headers: dict[str, Any],
+    *,
+    message_id: str | None,
+    what: str,
+) -> bool:
+    """Publish `message.body` elsewhere (retry tier, dead letters), then ack the delivery.
+    When the broker does not take it, the delivery goes back to its queue after a pause
+    (no busy loop) and False is returned: nothing is lost either way."""
+    try:
+        await publisher.publish_raw(
+            exchange, routing_key, message.body, headers, message_id=message_id
+        )
+    except BrokerUnavailableError as exc:
+        logger.warning("{} not published ({}); the delivery comes back", what, exc)
+        await asyncio.sleep(PAUSE)
+        await settle(message, ack=False)
+        return False
+    await settle(message, ack=True)
+    return True

@@ -23,8 +23,7 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage
 from loguru import logger
 
-from consumers.queue_worker import QueueWorker, settle
-from service.adapters.broker.confirm import BrokerUnavailableError
+from consumers.queue_worker import QueueWorker, forward, settle
 from service.adapters.broker.envelope import H_ERROR
 from service.adapters.broker.publisher import EventPublisher
 from service.adapters.broker.topology import WEBHOOK_DELIVERY_KEY, Topology
@@ -36,7 +35,6 @@ from service.config import Settings
 from service.domain.webhooks import WebhookEndpoint, retry_tier
 from service.metrics import Metrics
 
-_PAUSE = 1.0  # seconds before a delivery that could not be re-published is returned
 _LEASE_MARGIN = 30.0  # a claim outlives the attempt's timeout by this much
 
 
@@ -199,21 +197,16 @@ class WebhookDelivery(QueueWorker):
     ) -> None:
         """Into a retry tier (back to the deliveries queue when it expires), then ack."""
         headers = {**ref.headers(attempt, error), **self._topology.webhook_retry_headers(tier)}
-        try:
-            await self._publisher.publish_raw(
-                self._topology.webhooks_retry_exchange,
-                WEBHOOK_DELIVERY_KEY,
-                message.body,
-                headers,
-                message_id=ref.webhook_id,
-            )
-        except BrokerUnavailableError as exc:
-            logger.warning("webhook retry not scheduled ({}); the delivery comes back", exc)
-            await asyncio.sleep(_PAUSE)
-            await settle(message, ack=False)
-            return
-        self._metrics.notify_deliveries.labels(outcome).inc()
-        await settle(message, ack=True)
+        if await forward(
+            self._publisher,
+            message,
+            self._topology.webhooks_retry_exchange,
+            WEBHOOK_DELIVERY_KEY,
+            headers,
+            message_id=ref.webhook_id,
+            what="webhook retry",
+        ):
+            self._metrics.notify_deliveries.labels(outcome).inc()
 
     async def _dead(
         self, message: AbstractIncomingMessage, ref: DeliveryRef | None, attempt: int, error: str
@@ -223,18 +216,15 @@ class WebhookDelivery(QueueWorker):
             if ref is not None
             else {**dict(message.headers or {}), H_ERROR: error[:500]}
         )
-        try:
-            await self._publisher.publish_raw(
-                self._topology.dlx_exchange,
-                WEBHOOK_DELIVERY_KEY,
-                message.body,
-                headers,
-                message_id=ref.webhook_id if ref is not None else message.message_id,
-            )
-        except BrokerUnavailableError as exc:
-            logger.warning("webhook delivery not dead-lettered ({}); it comes back", exc)
-            await asyncio.sleep(_PAUSE)
-            await settle(message, ack=False)
+        if not await forward(
+            self._publisher,
+            message,
+            self._topology.dlx_exchange,
+            WEBHOOK_DELIVERY_KEY,
+            headers,
+            message_id=ref.webhook_id if ref is not None else message.message_id,
+            what="dead-lettered webhook delivery",
+        ):
             return
         self._metrics.notify_deliveries.labels("dead").inc()
         logger.error(
@@ -244,4 +234,3 @@ class WebhookDelivery(QueueWorker):
             endpoint=str(ref.endpoint_id) if ref is not None else None,
             webhook_id=ref.webhook_id if ref is not None else None,
         )
-        await settle(message, ack=True)

@@ -17,7 +17,7 @@ import msgspec
 from aio_pika.abc import AbstractIncomingMessage
 from loguru import logger
 
-from consumers.queue_worker import QueueWorker, settle
+from consumers.queue_worker import PAUSE, QueueWorker, forward, settle
 from service.adapters.broker.confirm import BrokerUnavailableError
 from service.adapters.broker.envelope import H_ATTEMPT, H_ERROR
 from service.adapters.broker.publisher import EventPublisher
@@ -34,8 +34,6 @@ from service.config import Settings
 from service.domain.events import EVENT_TYPES
 from service.domain.webhooks import decode_head, retry_tier, webhook_id
 from service.metrics import Metrics
-
-_PAUSE = 1.0  # seconds before a delivery that could not be published is returned
 
 
 class WebhookFanout(QueueWorker):
@@ -93,7 +91,7 @@ class WebhookFanout(QueueWorker):
                 )
         except BrokerUnavailableError as exc:
             logger.warning("webhook deliveries not queued ({}); the event comes back", exc)
-            await asyncio.sleep(_PAUSE)
+            await asyncio.sleep(PAUSE)
             await settle(message, ack=False)
             return
         self._metrics.notify_fanout.labels("queued" if endpoints else "no_endpoint").inc()
@@ -116,37 +114,29 @@ class WebhookFanout(QueueWorker):
             H_ERROR: error[:500],
             **self._topology.webhook_retry_headers(tier),
         }
-        try:
-            await self._publisher.publish_raw(
-                self._topology.webhooks_retry_exchange,
-                WEBHOOK_EVENT_KEY,
-                message.body,
-                out,
-                message_id=message.message_id,
-            )
-        except BrokerUnavailableError:
-            await asyncio.sleep(_PAUSE)
-            await settle(message, ack=False)
-            return
-        logger.warning("webhook fan-out postponed (attempt {}): {}", attempt, error)
-        await settle(message, ack=True)
+        if await forward(
+            self._publisher,
+            message,
+            self._topology.webhooks_retry_exchange,
+            WEBHOOK_EVENT_KEY,
+            out,
+            message_id=message.message_id,
+            what="webhook fan-out retry",
+        ):
+            logger.warning("webhook fan-out postponed (attempt {}): {}", attempt, error)
 
     async def _dead_letter(
         self, message: AbstractIncomingMessage, headers: dict[str, Any], error: str
     ) -> None:
         out = {**headers, H_WEBHOOK_STAGE: "event", H_ERROR: error[:500]}
-        try:
-            await self._publisher.publish_raw(
-                self._topology.dlx_exchange,
-                WEBHOOK_EVENT_KEY,
-                message.body,
-                out,
-                message_id=message.message_id,
-            )
-        except BrokerUnavailableError:
-            await asyncio.sleep(_PAUSE)
-            await settle(message, ack=False)
-            return
-        self._metrics.notify_fanout.labels("dead").inc()
-        logger.error("webhook event sent to the dead-letter queue: {}", error.split(":", 1)[0])
-        await settle(message, ack=True)
+        if await forward(
+            self._publisher,
+            message,
+            self._topology.dlx_exchange,
+            WEBHOOK_EVENT_KEY,
+            out,
+            message_id=message.message_id,
+            what="dead-lettered webhook event",
+        ):
+            self._metrics.notify_fanout.labels("dead").inc()
+            logger.error("webhook event sent to the dead-letter queue: {}", error.split(":", 1)[0])

@@ -510,30 +510,20 @@ def _money_in(text: str, raw: str, budget_question: bool, lang: Lang) -> list[_M
             value = value * 1000 if value < 1000 else value
         value *= _table_value(lx.MULTIPLIERS, mult) or 1.0
         rate = _table_value(lx.CURRENCY_USD, cur) or _table_value(lx.CURRENCY_USD, mult)
-        phrase = raw[match.start() : match.end()].strip(" ,.;")
-        found.append(
-            _Money(
-                phrase=phrase,
-                usd=value * (rate or default_rate),
-                start=match.start(),
-                end=match.end(),
-            )
-        )
+        found.append(_money_at(raw, match, value * (rate or default_rate)))
     for match in lx.WORD_MONEY.finditer(text):
         words = match.group("words").split()
         first = words[1] if words[0] in ("тысяч", "тыщ") else words[0]  # "тысяч сорок"
         value = 500e3 if first.startswith("пол") else lx.WORD_VALUES.get(first, 0.0)
         rate = _table_value(lx.CURRENCY_USD, match.group("cur"))
-        phrase = raw[match.start() : match.end()].strip(" ,.;")
-        found.append(
-            _Money(
-                phrase=phrase,
-                usd=value * (rate or default_rate),
-                start=match.start(),
-                end=match.end(),
-            )
-        )
+        found.append(_money_at(raw, match, value * (rate or default_rate)))
     return found
+
+
+def _money_at(raw: str, match: re.Match[str], usd: float) -> _Money:
+    """The amount `match` found, quoted from the original text."""
+    phrase = raw[match.start() : match.end()].strip(" ,.;")
+    return _Money(phrase=phrase, usd=usd, start=match.start(), end=match.end())
 
 
 def _budget(msgs: Sequence[_Msg], lang: Lang) -> _Money | None:

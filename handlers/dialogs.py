@@ -37,11 +37,10 @@ from handlers.rest_models import (
     LeadResponse,
     StatsParams,
     StatsResponse,
-    lead_out,
 )
 from service.adapters.stores.base import DuplicateLeadError, ResultsStore
 from service.domain.history import FUNNEL_ORDER, manual_cause
-from service.domain.lead import LeadRow
+from service.domain.lead import LeadRow, lead_out
 from service.usecases.backfill import BackfillOptions, run_backfill
 from service.usecases.csv_export import csv_chunks
 from service.usecases.lead_edits import (

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from handlers.rest_models import Endpoint, ErrorResponse
 from handlers.webhooks import ROUTES as WEBHOOK_ROUTES
+from service.domain.lead import LeadOut
 
 REF = "#/components/schemas/{name}"
 OPENAPI_DOC: web.AppKey[dict[str, Any]] = web.AppKey("openapi_doc", dict)
@@ -129,6 +130,11 @@ def build_openapi(endpoints: Iterable[Endpoint]) -> dict[str, Any]:
     for ep in endpoints:
         schema_types += [t for t in (ep.body, ep.response) if t is not None]
     _, components = msgspec.json.schema_components(schema_types, ref_template=REF)
+    # The lead's columns have defaults (a store row may be built from a few), but an
+    # answer is encoded with every one of them: say so to clients.
+    lead = components.get(LeadOut.__name__)
+    if lead is not None:
+        lead["required"] = list(LeadOut.__struct_fields__)
 
     paths: dict[str, dict[str, Any]] = {}
     for ep in endpoints:

@@ -19,8 +19,7 @@ from msgspec import UNSET, Meta, UnsetType
 from service.adapters.stores.base import LeadQuery, LeadStats
 from service.domain.facts import Action, FunnelStage, InterestLevel, MainIntent, Niche
 from service.domain.history import FunnelRow, HistoryEntry
-from service.domain.lead import NewLead
-from service.domain.scoring import ScoreLine, stored_breakdown
+from service.domain.lead import LeadOut, NewLead
 from service.usecases.backfill import AnalyzeStats
 
 # PostgreSQL text cannot hold NUL; refusing it here keeps such input a 400, not a 500.
@@ -205,74 +204,6 @@ class AnalyzeBody(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_f
 
 
 # -- responses ----------------------------------------------------------------------------
-class LeadOut(msgspec.Struct, kw_only=True):
-    """A `dialog_analysis` row as the API returns it: every column but `messages`."""
-
-    id: uuid.UUID
-    instance_name: str
-    user_account_id: uuid.UUID
-    contact_phone: str
-    contact_name: str | None
-    incoming_count: int
-    outgoing_count: int
-    first_message: datetime | None
-    last_message: datetime | None
-    business_type: str | None
-    is_medical: bool | None
-    is_owner: bool | None
-    uses_ads_now: bool | None
-    has_sales_dept: bool | None
-    ad_budget: str | None
-    has_booking: bool | None
-    sent_instagram: bool | None
-    instagram_url: str | None
-    funnel_stage: str | None
-    qualification_complete: bool | None
-    interest_level: str | None
-    main_intent: str | None
-    objection: str | None
-    next_message: str | None
-    action: str | None
-    score: int | None
-    reasoning: str | None
-    notes: str | None
-    analyzed_at: datetime | None
-    created_at: datetime | None
-    updated_at: datetime | None
-    niche: str | None
-    budget_stated: bool | None
-    score_breakdown: (
-        Annotated[
-            list[ScoreLine],
-            Meta(
-                description="Why the score: one line per reason, each with the messages "
-                "behind it (`evidence`: Evolution's key.id and a verbatim quote)"
-            ),
-        ]
-        | None
-    )
-    remote_jid: str | None
-    last_message_id: str | None
-    analyzer: str | None
-    llm_usage: dict[str, Any] | None
-    source: str
-    manual_fields: list[str]
-    stage_changed_at: Annotated[
-        datetime | None,
-        Meta(description="When funnel_stage last changed (null: not since history is kept)"),
-    ]
-
-
-LEAD_OUT_FIELDS: tuple[str, ...] = LeadOut.__struct_fields__
-
-
-def lead_out(row: Any) -> LeadOut:
-    """A store row (`LeadRow`) without its `messages`."""
-    fields = {name: getattr(row, name) for name in LEAD_OUT_FIELDS}
-    fields["score_breakdown"] = stored_breakdown(fields["score_breakdown"])
-    return LeadOut(**fields)
-
-
 class AnalysisListResponse(msgspec.Struct, kw_only=True):
     success: bool
     results: list[LeadOut]

@@ -10,7 +10,7 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
-from handlers.rest_models import LEAD_OUT_FIELDS
+from service.domain.lead import LEAD_OUT_FIELDS
 from tests.rest_support import (
     BASE_TIME,
     INSTANCE,

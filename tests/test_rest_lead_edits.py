@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
-from handlers.rest_models import LEAD_OUT_FIELDS, LeadCreateBody, LeadPatchBody, lead_out
+from handlers.rest_models import LeadCreateBody, LeadPatchBody
 from service.domain.evidence import EVIDENCE_FACTS
-from service.domain.lead import LeadRow
+from service.domain.lead import LEAD_OUT_FIELDS, LeadRow, lead_out
 from service.domain.scoring import ScoreInputs, breakdown_json, score
 from service.usecases.lead_edits import new_manual_lead, normalized_phone, patch_update
 

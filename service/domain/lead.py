@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Generic, TypeVar
 
 import msgspec
 
 from service.domain.facts import LeadFacts
-from service.domain.scoring import Score, breakdown_json, derive
+from service.domain.scoring import Score, ScoreLine, breakdown_json, derive, stored_breakdown
 
 # Columns a person may set by hand (PATCH / POST /dialogs/leads). Listed in
 # `manual_fields` once set, and then never overwritten by automatic analysis.
@@ -51,8 +51,14 @@ DERIVED_COLUMNS: tuple[str, ...] = (
 )
 
 
-class LeadRow(msgspec.Struct, kw_only=True, omit_defaults=False):
-    """One `dialog_analysis` row, column for column (the original's columns first)."""
+# What `score_breakdown` holds: JSON lines as stored (LeadRow), score lines as answered.
+Breakdown = TypeVar("Breakdown")
+
+
+class Lead(msgspec.Struct, Generic[Breakdown], kw_only=True, omit_defaults=False):
+    """The lead's columns, once: every `dialog_analysis` column but `messages` (the
+    original's columns first). The store's row and the API's answer are this, typed by
+    what their `score_breakdown` holds."""
 
     id: uuid.UUID
     instance_name: str
@@ -82,21 +88,54 @@ class LeadRow(msgspec.Struct, kw_only=True, omit_defaults=False):
     score: int | None = None
     reasoning: str | None = None
     notes: str | None = None
-    messages: list[dict[str, Any]] | None = None
     analyzed_at: datetime | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
     # Added by this service.
     niche: str | None = None
     budget_stated: bool | None = None
-    score_breakdown: list[dict[str, Any]] | None = None
+    score_breakdown: (
+        Annotated[
+            Breakdown,
+            msgspec.Meta(
+                description="Why the score: one line per reason, each with the messages "
+                "behind it (`evidence`: Evolution's key.id and a verbatim quote)"
+            ),
+        ]
+        | None
+    ) = None
     remote_jid: str | None = None
     last_message_id: str | None = None
     analyzer: str | None = None
     llm_usage: dict[str, Any] | None = None
     source: str = "auto"
     manual_fields: list[str] = msgspec.field(default_factory=list)
-    stage_changed_at: datetime | None = None  # when funnel_stage last changed
+    stage_changed_at: Annotated[
+        datetime | None,
+        msgspec.Meta(
+            description="When funnel_stage last changed (null: not since history is kept)"
+        ),
+    ] = None
+
+
+class LeadRow(Lead[list[dict[str, Any]]], kw_only=True, omit_defaults=False):
+    """One `dialog_analysis` row, column for column, as the stores read and write it."""
+
+    messages: list[dict[str, Any]] | None = None
+
+
+class LeadOut(Lead[list[ScoreLine]], kw_only=True, omit_defaults=False):
+    """A lead as the API answers: every column but `messages`, its breakdown as score lines."""
+
+
+LEAD_OUT_FIELDS: tuple[str, ...] = LeadOut.__struct_fields__
+
+
+def lead_out(row: LeadRow) -> LeadOut:
+    """The API's view of a stored row (without its `messages`)."""
+    fields = {name: getattr(row, name) for name in LEAD_OUT_FIELDS}
+    fields["score_breakdown"] = stored_breakdown(row.score_breakdown)
+    return LeadOut(**fields)
 
 
 LEAD_COLUMNS: tuple[str, ...] = LeadRow.__struct_fields__

@@ -27,8 +27,9 @@ ACTIONS: tuple[str, ...] = get_args(Action)
 INTEREST_LEVELS: tuple[str, ...] = get_args(InterestLevel)
 
 
-class LeadFacts(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Exactly the facts JSON of the contract. Field order is the order the model writes."""
+class FactFields(msgspec.Struct, kw_only=True):
+    """The facts an analysis sets on a lead, stated once: the analyzers' facts JSON
+    (`LeadFacts`) and the store's write (`AnalysisWrite`) both are these."""
 
     niche: Niche
     business_type: str | None
@@ -42,6 +43,11 @@ class LeadFacts(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     objection: str | None
     action: Action
     next_message: str
+
+
+class LeadFacts(FactFields, kw_only=True, forbid_unknown_fields=True):
+    """Exactly the facts JSON of the contract. Field order is the order the model writes."""
+
     reasoning: str
 
 

@@ -18,12 +18,12 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
-from service.domain.facts import FunnelStage, InterestLevel
+from service.domain.facts import FactFields, FunnelStage, InterestLevel
 from service.domain.history import Cause, FunnelRow, HistoryPage
 from service.domain.lead import DERIVED_COLUMNS, LEAD_COLUMNS, MANUAL_COLUMNS, LeadRow
 
 
-class AnalysisWrite(msgspec.Struct, kw_only=True):
+class AnalysisWrite(FactFields, kw_only=True):
     """What the pipeline writes for one contact (an analysis or a `new_lead` refresh).
 
     `analyzed` is False for contacts under the threshold: only identity, counts and times
@@ -41,19 +41,8 @@ class AnalysisWrite(msgspec.Struct, kw_only=True):
     last_message: datetime | None
     last_message_id: str | None
     analyzed: bool
-    # Fact and score columns; for `analyzed=False` they describe a new_lead.
-    niche: str
-    business_type: str | None
-    is_owner: bool | None
-    has_sales_dept: bool | None
-    uses_ads_now: bool | None
-    ad_budget: str | None
-    instagram_url: str | None
-    funnel_stage: FunnelStage
-    main_intent: str
-    objection: str | None
-    action: str
-    next_message: str
+    # Score columns (and the facts, from FactFields); for `analyzed=False` they describe
+    # a new_lead.
     reasoning: str | None
     is_medical: bool
     budget_stated: bool

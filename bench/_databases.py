@@ -15,18 +15,18 @@ def dsn(database: str) -> str:
     return f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{database}"
 
 
-async def create_database(name: str) -> str:
+async def _admin(statement: str) -> None:
     conn = await asyncpg.connect(dsn("postgres"))
     try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
+        await conn.execute(statement)
     finally:
         await conn.close()
+
+
+async def create_database(name: str) -> str:
+    await _admin(f'CREATE DATABASE "{name}"')
     return dsn(name)
 
 
 async def drop_database(name: str) -> None:
-    conn = await asyncpg.connect(dsn("postgres"))
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

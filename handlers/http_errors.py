@@ -204,22 +204,17 @@ def explain(exc: msgspec.ValidationError, kind: type[msgspec.Struct], where: str
             f"unknown {where} {name}",
             {"field": name, "allowed": sorted(fields), "reason": text},
         )
-    if (match := _MISSING.search(text)) and (located is None or located.group(1) is None):
-        name = match.group(1)
+    # A value at a field ("... - at `$.score`"), else a field left out.
+    name = located.group(1) if located is not None else None
+    missing = _MISSING.search(text) if name is None else None
+    if missing is not None:
+        name = missing.group(1)
+    if name is not None:
         expected = _expected(name, fields, where)
-        return ApiError(
-            400,
-            f"{name} is required ({expected})",
-            {"field": name, "expected": expected, "reason": text},
+        message = (
+            f"{name} is required ({expected})" if missing else f"{where} {name} must be {expected}"
         )
-    if located is not None and located.group(1) is not None:
-        name = located.group(1)
-        expected = _expected(name, fields, where)
-        return ApiError(
-            400,
-            f"{where} {name} must be {expected}",
-            {"field": name, "expected": expected, "reason": text},
-        )
+        return ApiError(400, message, {"field": name, "expected": expected, "reason": text})
     if where == "field":
         return ApiError(400, "request body must be a JSON object", {"reason": text})
     return ApiError(400, f"invalid {where}s: {text}", {"reason": text})

@@ -142,24 +142,21 @@ async def _serve(port: int, ready: EventType) -> None:
     from aiohttp import web
 
     from handlers.http_app import make_app
-    from service.adapters.stores.factory import open_store
-    from service.bootstrap.context import AppContext
+    from service.bootstrap.builders import app_context
     from service.config import load_settings
     from service.logs import setup_logging
 
     settings = load_settings(dotenv=None)
     setup_logging(settings)
-    ctx = AppContext(settings=settings, store=await open_store(settings))
-    runner = web.AppRunner(make_app(ctx), access_log=None, handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    ready.set()
-    await stop.wait()
-    await runner.cleanup()
-    if ctx.store is not None:
-        await ctx.store.close()
+    async with app_context(settings) as ctx:
+        runner = web.AppRunner(make_app(ctx), access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        ready.set()
+        await stop.wait()
+        await runner.cleanup()
 
 
 def _server_main(env: dict[str, str], port: int, ready: EventType) -> None:
@@ -336,6 +333,8 @@ async def _bench(args: argparse.Namespace) -> int:
     try:
         env = {
             "RESULTS_DATABASE_URL": dsn,
+            "EVOLUTION_DATABASE_URL": dsn,  # opened as `serve` opens it; not read here
+            "ANALYZER": "rules",
             "API_TOKEN": API_TOKEN,
             "WEBHOOK_TOKEN": "bench-webhook-token-0123456789abcdef012345",
             "LOG_LEVEL": "WARNING",

@@ -99,8 +99,7 @@ async def _bench(args: argparse.Namespace, base_url: str) -> int:
         setup_logging(settings)
         account = uuid.uuid4()
         async with app_context(settings) as ctx:
-            assert ctx.reader is not None
-            pipeline = ctx.require_pipeline()
+            pipeline = ctx.pipeline
             small = max(args.concurrency * 4, args.dialogs // 4)
             rss: dict[int, float] = {}
             stats = BackfillStats.zero()

@@ -95,8 +95,8 @@ async def _bench(args: argparse.Namespace) -> int:
                 dotenv=None,
             )
             setup_logging(settings)
-            async with app_context(settings, publisher=True) as ctx:
-                await ctx.require_store().add_instance("bench", uuid.uuid4())
+            async with app_context(settings) as ctx:
+                await ctx.store.add_instance("bench", uuid.uuid4())
                 consumer = ContactConsumer(ctx)
                 await consumer.start()
                 runner, port = await start_local(make_app(ctx))

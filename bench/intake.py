@@ -41,6 +41,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
+from bench._databases import dsn
 from bench._servers import server_process
 from service.adapters.broker.envelope import decode_batch
 from service.adapters.broker.topology import Topology
@@ -81,31 +82,27 @@ def _bare_app() -> web.Application:
 
 async def _serve(kind: str, port: int, ready: EventType) -> None:
     from handlers.http_app import make_app
-    from service.adapters.broker.publisher import EventPublisher
-    from service.bootstrap.context import AppContext
+    from service.bootstrap.builders import app_context
     from service.logs import setup_logging
 
     settings = load_settings(dotenv=None)
     setup_logging(settings)
-    ctx: AppContext | None = None
-    if kind == "intake":
-        ctx = AppContext(settings=settings)
-        ctx.publisher = EventPublisher(settings)
-        app = make_app(ctx)
-    else:
-        app = _bare_app()
-    # As `crm-backend serve` runs it: no aiohttp access log.
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    ready.set()
-    await stop.wait()
-    await runner.cleanup()
-    if ctx is not None and ctx.publisher is not None:
-        await ctx.publisher.close()
+    async with contextlib.AsyncExitStack() as parts:
+        if kind == "intake":
+            # Built as `crm-backend serve` builds it (the databases are idle here).
+            app = make_app(await parts.enter_async_context(app_context(settings)))
+        else:
+            app = _bare_app()
+        # As `crm-backend serve` runs it: no aiohttp access log.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        ready.set()
+        await stop.wait()
+        await runner.cleanup()
 
 
 def _server_main(kind: str, env: dict[str, str], port: int, ready: EventType) -> None:
@@ -363,6 +360,10 @@ async def _bench(args: argparse.Namespace) -> int:
         "API_TOKEN": API_TOKEN,
         "LOG_LEVEL": "INFO",
         "LOG_FORMAT": "json",
+        # The intake touches no database; the process opens its pools as `serve` does.
+        "RESULTS_DATABASE_URL": dsn("postgres"),
+        "EVOLUTION_DATABASE_URL": dsn("postgres"),
+        "ANALYZER": "rules",
     }
     settings = load_settings(env, dotenv=None)
     run = secrets.token_hex(3).upper()

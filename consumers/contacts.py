@@ -105,8 +105,8 @@ class ContactConsumer:
         self._ctx = ctx
         self._settings: Settings = ctx.settings
         self._topology = topology or Topology(ctx.settings)
-        self._pipeline = ctx.require_pipeline()
-        self._store = ctx.require_store()
+        self._pipeline = ctx.pipeline
+        self._store = ctx.store
         self._metrics = ctx.metrics
         self._contacts: dict[tuple[str, str], _Contact] = {}
         self._tasks: set[asyncio.Task[None]] = set()

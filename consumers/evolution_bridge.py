@@ -34,7 +34,7 @@ class EvolutionBridge(QueueWorker):
         topology = topology or Topology(ctx.settings)
         super().__init__(ctx.settings, topology, "", prefetch=prefetch, grace=5.0)
         self._source = ctx.settings.evolution_amqp_exchange
-        self._publisher: EventPublisher = ctx.require_publisher()
+        self._publisher: EventPublisher = ctx.publisher
         self._metrics = ctx.metrics
 
     async def queue_on(self, channel: AbstractChannel) -> str:

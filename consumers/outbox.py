@@ -42,7 +42,7 @@ class OutboxDrainer:
         *,
         batch: int = 100,
     ) -> None:
-        self._store = ctx.require_store()
+        self._store = ctx.store
         self._metrics = ctx.metrics
         self._topology = topology or Topology(ctx.settings)
         # A publisher of its own (connection named "outbox"): the same confirmed, routed

@@ -58,7 +58,7 @@ _FILENAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def _store(request: web.Request) -> ResultsStore:
-    return context(request).require_store()
+    return context(request).store
 
 
 async def _require_instance(store: ResultsStore, instance: str, account: uuid.UUID) -> None:
@@ -238,10 +238,7 @@ async def delete_analysis(request: web.Request) -> web.Response:
 async def analyze(request: web.Request) -> web.Response:
     body = await decode_body(request, AnalyzeBody)
     ctx = context(request)
-    store = ctx.require_store()
-    await _require_instance(store, body.instance_name, body.user_account_id)
-    if ctx.pipeline is None or ctx.reader is None:
-        raise ApiError(503, "analysis is not available in this process")
+    await _require_instance(ctx.store, body.instance_name, body.user_account_id)
     options = BackfillOptions(
         instance=body.instance_name,
         account=body.user_account_id,

@@ -23,21 +23,15 @@ CHECK_TIMEOUT = 3.0
 
 
 async def _broker(ctx: AppContext) -> str:
-    if ctx.publisher is None:
-        return "down: not configured in this process"
     return "ok" if await ctx.publisher.ping() else "down: not connected"
 
 
 async def _results_db(ctx: AppContext) -> str:
-    if ctx.store is None:
-        return "down: not configured in this process"
     await ctx.store.ping()
     return "ok"
 
 
 async def _evolution_db(ctx: AppContext) -> str:
-    if ctx.reader is None:
-        return "down: not configured in this process"
     await ctx.reader.ping()  # raises EvolutionUnavailableError when down
     return "ok"
 

@@ -127,7 +127,7 @@ async def evolution_webhook(request: web.Request) -> web.Response:
             return _json(401, {"ok": False, "error": problem})
 
     try:
-        await ctx.require_publisher().publish(outcome.events)
+        await ctx.publisher.publish(outcome.events)
     except BrokerUnavailableError as exc:
         # The publisher logs the outage once; per-request detail only at DEBUG.
         counter.labels(label, "unavailable").inc()

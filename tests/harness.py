@@ -164,7 +164,7 @@ class Harness:
                 await conn.close()
         if record is None:
             return None
-        return await self.ctx.require_store().get_lead(
+        return await self.ctx.store.get_lead(
             record["user_account_id"], record["id"], include_messages=True
         )
 
@@ -281,13 +281,7 @@ async def running_service(
     from consumers.outbox import OutboxDrainer
     from handlers.http_app import make_app
 
-    async with app_context(settings, publisher=True) as ctx:
-        if analyzer is not None:
-            ctx.analyzer = analyzer
-            from service.usecases.pipeline import Pipeline
-
-            assert ctx.reader is not None and ctx.store is not None
-            ctx.pipeline = Pipeline(settings, ctx.reader, ctx.store, analyzer, ctx.metrics)
+    async with app_context(settings, analyzer=analyzer) as ctx:
         server = TestServer(make_app(ctx))
         client = TestClient(server)
         await client.start_server()

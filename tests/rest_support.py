@@ -27,11 +27,13 @@ from service.adapters.stores.base import ResultsStore
 from service.bootstrap.context import AppContext
 from service.config import Settings, load_settings
 from tests.fakes.postgrest_server import SERVICE_KEY
+from tests.parts import parts_around
 
 API_TOKEN = "rest-test-token-0123456789abcdef0123456"
 INSTANCE = "clinic-sales"
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 BASE_TIME = datetime(2026, 9, 1, 12, 0, tzinfo=UTC)
+NO_BROKER = "amqp://guest:guest@127.0.0.1:9/"  # nothing listens on port 9 (discard)
 
 _json = msgspec.json.Encoder()
 
@@ -43,6 +45,8 @@ def rest_settings(results_dsn: str, evolution_dsn: str = "", **overrides: Any) -
         "WEBHOOK_TOKEN": "rest-test-webhook-token-0123456789abcdef",
         "ANALYZER": "rules",
         "LOG_LEVEL": "WARNING",
+        # No broker unless a test names one: nothing here declares on the shared broker.
+        "AMQP_URL": NO_BROKER,
     }
     if evolution_dsn:
         env["EVOLUTION_DATABASE_URL"] = evolution_dsn
@@ -62,7 +66,7 @@ class Api:
 
     @property
     def store(self) -> ResultsStore:
-        return self.ctx.require_store()
+        return self.ctx.store
 
     async def call(
         self,
@@ -203,8 +207,10 @@ async def open_api(
 ) -> AsyncIterator[Api]:
     async with open_store(kind, results_dsn) as store:
         await store.add_instance(INSTANCE, account)
-        ctx = AppContext(settings=rest_settings(results_dsn, **settings), store=store)
-        async with serve(ctx) as client:
+        async with (
+            parts_around(rest_settings(results_dsn, **settings), store) as ctx,
+            serve(ctx) as client,
+        ):
             yield Api(client=client, ctx=ctx, results_dsn=results_dsn, account=account, kind=kind)
 
 

@@ -201,7 +201,7 @@ async def test_lead_hot_published_once(settings: Settings, amqp_url: str) -> Non
         await svc.wait_idle()
 
         async def published() -> bool:
-            return await svc.ctx.require_store().outbox_depth() == 0
+            return await svc.ctx.store.outbox_depth() == 0
 
         await svc.wait_for(published, what="the lead events published")
         await asyncio.sleep(0.3)

@@ -20,12 +20,11 @@ from service.adapters.analyzers.openai_analyzer import OpenAIAnalyzer, RetryPoli
 from service.adapters.analyzers.rules import RulesAnalyzer
 from service.adapters.evolution import seed
 from service.adapters.evolution.reader import EvolutionReader
-from service.bootstrap.context import AppContext
 from service.domain.dialog import Dialog
 from service.usecases.csv_export import BOM, COLUMNS
-from service.usecases.pipeline import Pipeline
 from tests.dialog_samples import DEV_DIALOGS, HOLDOUT_DIALOGS, load_items, to_dialog
 from tests.fakes.openai_server import FakeOpenAI, FakeReply
+from tests.parts import parts_around
 from tests.rest_support import API_TOKEN, INSTANCE, Api, open_store, rest_settings, serve
 
 LABELED = [*load_items(DEV_DIALOGS), *load_items(HOLDOUT_DIALOGS)]
@@ -39,10 +38,11 @@ async def app_with(
     async with open_store("postgres", results_dsn) as store:
         await store.add_instance(INSTANCE, account)
         reader = await EvolutionReader.connect(evolution_dsn)
-        ctx = AppContext(settings=config, store=store, reader=reader, analyzer=analyzer)
-        ctx.pipeline = Pipeline(config, reader, store, analyzer, ctx.metrics)
         try:
-            async with serve(ctx) as client:
+            async with (
+                parts_around(config, store, reader=reader, analyzer=analyzer) as ctx,
+                serve(ctx) as client,
+            ):
                 yield Api(client=client, ctx=ctx, results_dsn=results_dsn, account=account)
         finally:
             await reader.close()
@@ -65,7 +65,6 @@ async def rows_by_phone(api: Api) -> dict[str, dict[str, Any]]:
 
 async def evolution_dialog(api: Api, phone: str) -> Dialog:
     reader = api.ctx.reader
-    assert reader is not None
     dialog = await reader.dialog(INSTANCE, phone, limit=api.ctx.settings.max_dialog_messages)
     assert dialog is not None
     return dialog

@@ -99,7 +99,7 @@ async def test_delete_for_everyone_rescores_the_lead(settings: Settings, version
         assert row.incoming_count == 3
         assert all("другое агентство" not in m["text"] for m in row.messages or [])
         # The lead's history names the delete as the cause of the re-analysis.
-        page = await svc.ctx.require_store().lead_history(row.user_account_id, row.id, 3, 0)
+        page = await svc.ctx.store.lead_history(row.user_account_id, row.id, 3, 0)
         assert page is not None
         assert {(e.field, e.from_, e.to, e.cause.kind) for e in page.history} == {
             ("funnel_stage", "deal_lost", "qualified", "delete"),

@@ -29,7 +29,7 @@ import pytest
 
 from service.adapters.evolution.reader import EvolutionReader
 from service.adapters.evolution.seed import insert_webhook_message
-from service.bootstrap.builders import app_context
+from service.bootstrap.builders import read_parts
 from service.config import ConfigError, load_settings, parse_database_url
 from tests.conftest import (
     PG_HOST,
@@ -98,8 +98,8 @@ async def test_evolutions_connection_uri_works_as_is(evolution_api_db: str) -> N
     settings = load_settings(
         {"EVOLUTION_DATABASE_URL": uri, "RESULTS_DATABASE_URL": pg_dsn("postgres")}, dotenv=None
     )
-    async with app_context(settings, store=False, analyzer=False) as ctx:
-        assert ctx.reader is not None and ctx.reader.schema == "evolution_api"
+    async with read_parts(settings) as ctx:
+        assert ctx.reader.schema == "evolution_api"
         dialog = await ctx.reader.dialog(INSTANCE, PHONE, limit=10)
         assert dialog is not None and dialog.incoming_count == 3
 
@@ -216,14 +216,13 @@ async def test_bridge_carries_deletes_and_edits(amqp_url: str, amqp_prefix: str)
     import aio_pika
 
     from consumers.evolution_bridge import EvolutionBridge
-    from service.adapters.broker.publisher import EventPublisher
-    from service.bootstrap.context import AppContext
     from tests.harness import delete_topology
+    from tests.parts import parts_around
     from tests.test_publisher import amqp_settings, drain, events_of
 
     settings = amqp_settings(amqp_url, amqp_prefix, evolution_amqp_exchange=f"{amqp_prefix}.evo")
-    ctx = AppContext(settings=settings)
-    ctx.publisher = EventPublisher(settings)
+    parts = contextlib.AsyncExitStack()
+    ctx = await parts.enter_async_context(parts_around(settings))
     bridge = EvolutionBridge(ctx)
     connection = await aio_pika.connect(amqp_url)
     key = {"remoteJid": f"{PHONE}@s.whatsapp.net", "fromMe": False, "id": "3EB0BRDEL"}
@@ -242,7 +241,7 @@ async def test_bridge_carries_deletes_and_edits(amqp_url: str, amqp_prefix: str)
         assert [(e.change, e.message_id) for e in events] == [("delete", "3EB0BRDEL")]
     finally:
         await bridge.stop()
-        await ctx.publisher.close()
+        await parts.aclose()
         channel = await connection.channel()
         await channel.exchange_delete(f"{amqp_prefix}.evo")
         await connection.close()

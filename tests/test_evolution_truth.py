@@ -84,7 +84,7 @@ async def test_own_delete_on_2_3_7_stays_deleted_in_later_reads(
             (INSTANCE, reply_id)
         ]
 
-        pipeline = svc.ctx.require_pipeline()
+        pipeline = svc.ctx.pipeline
         await pipeline.analyze_contact(INSTANCE, PHONE, account, force=True)
         assert svc.ctx.reader is not None
         stats = await run_backfill(
@@ -98,7 +98,7 @@ async def test_own_delete_on_2_3_7_stays_deleted_in_later_reads(
         assert all(m["text"] != REPLY for m in row.messages or [])
 
         # The record is the account's: another account's lead of the chat ignores it.
-        store = svc.ctx.require_store()
+        store = svc.ctx.store
         jid = f"{PHONE}@s.whatsapp.net"
         assert await store.deleted_ids(account, INSTANCE, jid) == {reply_id}
         assert await store.deleted_ids(uuid.uuid4(), INSTANCE, jid) == set()
@@ -208,7 +208,7 @@ async def test_backfill_counts_unpaired_lid_only_chats(
         await svc.store_message(lid_only("3EB0LIDU2", "Есть кто?", t0 + 5))
         assert svc.ctx.reader is not None
         stats = await run_backfill(
-            svc.ctx.require_pipeline(),
+            svc.ctx.pipeline,
             svc.ctx.reader,
             BackfillOptions(instance=INSTANCE, account=account, min_incoming=1),
         )

@@ -77,7 +77,7 @@ async def test_force_rebuilds_a_lead_pinned_by_a_future_time(
             ctx.pipeline, ctx.reader, msgspec.structs.replace(options, force=True)
         )
         assert forced.analyzed == 1 and forced.errors == 0
-        state = await ctx.require_store().get_state(account, INSTANCE, phone)
+        state = await ctx.store.get_state(account, INSTANCE, phone)
     assert state is not None and state.last_message_id != "FORGED"
     conn = await asyncpg.connect(service_settings.results_database_url)
     try:
@@ -161,7 +161,7 @@ async def test_poison_event_is_dead_lettered_without_the_good_ones(
 
     async with running_service(service_settings) as svc:
         # As queued before intake refused NUL (or by any other publisher): one AMQP message.
-        await svc.ctx.require_publisher().publish(
+        await svc.ctx.publisher.publish(
             [event(1, "Здравствуйте"), event(2, "Плохой\x00текст"), event(3, "Есть вопрос")]
         )
         row = await svc.wait_row(phone, timeout=30)

@@ -93,7 +93,7 @@ async def test_an_event_reads_stored_state_and_dialog_at_once(
     from tests.harness import INSTANCE
 
     log: list[str] = []
-    async with app_context(service_settings, analyzer=True) as ctx:
+    async with app_context(service_settings) as ctx:
         assert ctx.reader is not None and ctx.store is not None and ctx.analyzer is not None
         pipeline = Pipeline(
             service_settings,

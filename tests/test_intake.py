@@ -15,7 +15,6 @@ from loguru import logger
 
 from handlers.http_app import make_app
 from service.adapters.broker.envelope import H_IDEMPOTENCY_KEYS, decode_batch, shard_for
-from service.adapters.broker.publisher import EventPublisher
 from service.bootstrap.context import AppContext
 from service.config import Settings
 from service.usecases.intake import (
@@ -26,6 +25,7 @@ from service.usecases.intake import (
     normalize_event,
     parse_webhook,
 )
+from tests.parts import parts_around
 from tests.test_publisher import (
     API_TOKEN,
     WEBHOOK_TOKEN,
@@ -293,15 +293,13 @@ def test_event_labels_are_bounded() -> None:
 @contextlib.asynccontextmanager
 async def intake_app(settings: Settings) -> AsyncIterator[tuple[TestClient[Any, Any], AppContext]]:
     """The real intake app (real publisher) on a local test server."""
-    ctx = AppContext(settings=settings)
-    ctx.publisher = EventPublisher(settings)
-    client: TestClient[Any, Any] = TestClient(TestServer(make_app(ctx)))
-    await client.start_server()
-    try:
-        yield client, ctx
-    finally:
-        await client.close()
-        await ctx.publisher.close()
+    async with parts_around(settings) as ctx:
+        client: TestClient[Any, Any] = TestClient(TestServer(make_app(ctx)))
+        await client.start_server()
+        try:
+            yield client, ctx
+        finally:
+            await client.close()
 
 
 @pytest.fixture
@@ -527,8 +525,8 @@ async def test_evolution_exchange_bridge(
     source = f"{settings.amqp_prefix}.evolution-src"
     bridged = msgspec.structs.replace(settings, evolution_amqp_exchange=source)
     topology = Topology(bridged)
-    ctx = AppContext(settings=bridged)
-    ctx.publisher = EventPublisher(bridged)
+    parts = contextlib.AsyncExitStack()
+    ctx = await parts.enter_async_context(parts_around(bridged))
     bridge = EvolutionBridge(ctx)
     connection = await aio_pika.connect(settings.amqp_url)
     try:
@@ -558,7 +556,7 @@ async def test_evolution_exchange_bridge(
         assert counter(ctx, "unknown", "rejected") == 1
     finally:
         await bridge.stop()
-        await ctx.publisher.close()
+        await parts.aclose()
         channel = await connection.channel()
         await channel.exchange_delete(source)
         await connection.close()

@@ -180,7 +180,7 @@ async def test_backfill_notifies_once_and_not_at_all_with_no_notify(settings: Se
         await store_dialog(svc, loud, t0)
         await store_dialog(svc, quiet, t0)
         assert svc.ctx.pipeline is not None and svc.ctx.reader is not None
-        account = await svc.ctx.require_store().instance_account(INSTANCE)
+        account = await svc.ctx.store.instance_account(INSTANCE)
         assert account is not None
         options = BackfillOptions(instance=INSTANCE, account=account, min_incoming=3)
         quiet_options = msgspec.structs.replace(options, notify=False)
@@ -232,7 +232,7 @@ async def test_rest_analyze_and_patch_in_a_serve_process(settings: Settings) -> 
         async with running_service(settings, consume=False) as svc:
             assert svc.drainer is None  # as `serve`: stores events, publishes none
             await store_dialog(svc, phone, t0)
-            account = await svc.ctx.require_store().instance_account(INSTANCE)
+            account = await svc.ctx.store.instance_account(INSTANCE)
             body = {"instanceName": INSTANCE, "userAccountId": str(account), "minIncoming": 3}
             for _ in range(2):  # the second run finds the dialog unchanged
                 response = await svc.client.post("/dialogs/analyze", json=body, headers=AUTH)
@@ -362,7 +362,7 @@ async def test_a_batch_claimed_by_a_dead_process_is_published_after_its_lease(
         event_queue(settings) as queue,
         running_service(settings, consume=False) as svc,
     ):
-        store = svc.ctx.require_store()
+        store = svc.ctx.store
         account = await store.instance_account(INSTANCE)
         assert account is not None
         for n in range(6):

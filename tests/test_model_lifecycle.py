@@ -13,10 +13,11 @@ from loguru import logger
 
 from service.adapters.analyzers.model_lifecycle import ModelLifecycle
 from service.adapters.stores.postgres import PostgresStore
-from service.bootstrap.context import AppContext
 from service.config import Settings
 from service.metrics import Metrics
 from tests.fakes.openai_server import FakeOpenAI
+from tests.harness import delete_topology
+from tests.parts import parts_around
 from tests.rest_support import API_TOKEN, rest_settings, serve
 
 MODEL = "gpt-6.1-terra"
@@ -37,17 +38,24 @@ def lifecycle(fake: FakeOpenAI, metrics: Metrics, today: date = TODAY) -> ModelL
 
 
 async def ready_and_metrics(
-    results_dsn: str, watch: ModelLifecycle, metrics: Metrics
+    results_dsn: str,
+    watch: ModelLifecycle,
+    metrics: Metrics,
+    live: tuple[str, str] | None = None,
 ) -> tuple[int, dict[str, object], str]:
+    """/ready and /metrics of an app with this model watch. Without `live` (AMQP URL and
+    prefix) the broker and the Evolution DB are down (no broker configured, the reader
+    closed); with it every other check passes, so nothing but the model check speaks."""
+    amqp = {} if live is None else {"amqp_url": live[0], "amqp_prefix": live[1]}
+    settings = rest_settings(results_dsn, **amqp)
     store = await PostgresStore.open(results_dsn)
     try:
-        ctx = AppContext(
-            settings=rest_settings(results_dsn),
-            metrics=metrics,
-            store=store,
-            model_lifecycle=watch,
-        )
-        async with serve(ctx) as client:
+        async with (
+            parts_around(settings, store, metrics=metrics, model_lifecycle=watch) as ctx,
+            serve(ctx) as client,
+        ):
+            if live is None:
+                await ctx.reader.close()
             headers = {"Authorization": f"Bearer {API_TOKEN}"}
             ready = await client.get("/ready", headers=headers)
             body = await ready.json()
@@ -55,6 +63,8 @@ async def ready_and_metrics(
         return ready.status, body, scrape
     finally:
         await store.close()
+        if live is not None:
+            await delete_topology(settings)
 
 
 async def test_shutdown_within_30_days_warns_in_log_metrics_and_ready(
@@ -114,14 +124,16 @@ async def test_past_the_shutdown_date_the_check_fails_with_one_clear_line(
 
 @pytest.mark.parametrize("endpoint", [True, False], ids=["no-field", "no-endpoint"])
 async def test_servers_without_the_field_or_endpoint_are_fine(
-    results_dsn: str, endpoint: bool, log_lines: list[str]
+    results_dsn: str, endpoint: bool, log_lines: list[str], amqp_url: str, amqp_prefix: str
 ) -> None:
     metrics = Metrics()
     async with FakeOpenAI(models_endpoint=endpoint) as fake:
         watch = lifecycle(fake, metrics)
         try:
             status = await watch.refresh()
-            _, body, scrape = await ready_and_metrics(results_dsn, watch, metrics)
+            _, body, scrape = await ready_and_metrics(
+                results_dsn, watch, metrics, live=(amqp_url, amqp_prefix)
+            )
         finally:
             await watch.close()
     assert status.shutdown_date is None and status.days_left is None

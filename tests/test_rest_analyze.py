@@ -17,15 +17,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from handlers.dialogs import ROUTES
 from handlers.rest_models import AnalysisListParams, LeadPatchBody
-from service.adapters.analyzers.rules import RulesAnalyzer
-from service.adapters.broker.publisher import EventPublisher
 from service.adapters.broker.topology import Topology
 from service.adapters.evolution import seed
 from service.adapters.evolution.reader import EvolutionReader
-from service.bootstrap.context import AppContext
 from service.domain.scoring import ScoreInputs, score
-from service.usecases.pipeline import Pipeline
 from tests.harness import delete_topology
+from tests.parts import parts_around
 from tests.rest_support import (
     API_TOKEN,
     INSTANCE,
@@ -43,16 +40,17 @@ DIALOGS = 12  # dev-01 … dev-12: eleven over the threshold, dev-12 (2 incoming
 async def full_app(
     results_dsn: str, evolution_dsn: str, account: uuid.UUID, **settings: Any
 ) -> AsyncIterator[Api]:
-    """The app with store, Evolution reader, rules analyzer and pipeline (no broker)."""
+    """The app with store, Evolution reader, rules analyzer and pipeline (the broker only
+    when `amqp_url` is given)."""
     config = rest_settings(results_dsn, evolution_dsn, **settings)
     async with open_store("postgres", results_dsn) as store:
         await store.add_instance(INSTANCE, account)
         reader = await EvolutionReader.connect(evolution_dsn)
-        analyzer = RulesAnalyzer()
-        ctx = AppContext(settings=config, store=store, reader=reader, analyzer=analyzer)
-        ctx.pipeline = Pipeline(config, reader, store, analyzer, ctx.metrics)
         try:
-            async with serve(ctx) as client:
+            async with (
+                parts_around(config, store, reader=reader) as ctx,
+                serve(ctx) as client,
+            ):
                 yield Api(client=client, ctx=ctx, results_dsn=results_dsn, account=account)
         finally:
             await reader.close()
@@ -190,7 +188,7 @@ async def test_ready_checks_broker_and_both_databases(
     amqp_url: str,
     amqp_prefix: str,
 ) -> None:
-    async with full_app(results_dsn, evolution_dsn, account, amqp_url=amqp_url) as api:
+    async with full_app(results_dsn, evolution_dsn, account) as api:  # no broker
         status, body = await api.call("GET", "/ready")
         assert status == 503
         assert body["ok"] is False
@@ -199,8 +197,9 @@ async def test_ready_checks_broker_and_both_databases(
         assert body["checks"]["evolution_db"] == "ok"
         assert body["error"] == "not ready: broker down"
 
-        settings = rest_settings(results_dsn, amqp_url=amqp_url, amqp_prefix=amqp_prefix)
-        api.ctx.publisher = EventPublisher(settings)
+    settings = rest_settings(results_dsn, amqp_url=amqp_url, amqp_prefix=amqp_prefix)
+    live = {"amqp_url": amqp_url, "amqp_prefix": amqp_prefix}
+    async with full_app(results_dsn, evolution_dsn, account, **live) as api:
         try:
             status, body = await api.call("GET", "/ready")
             assert status == 200, body
@@ -209,7 +208,6 @@ async def test_ready_checks_broker_and_both_databases(
                 "checks": {"broker": "ok", "results_db": "ok", "evolution_db": "ok"},
                 "error": None,
             }
-            assert api.ctx.reader is not None
             await api.ctx.reader.close()  # the Evolution DB goes away
             status, body = await api.call("GET", "/ready")
             assert status == 503
@@ -217,17 +215,13 @@ async def test_ready_checks_broker_and_both_databases(
             assert body["checks"]["broker"] == "ok"
             assert body["error"] == "not ready: evolution_db down"
         finally:
-            await api.ctx.publisher.close()
             await delete_topology(settings)
 
 
 async def test_ready_with_an_unreachable_broker(pg_api: Api) -> None:
-    settings = rest_settings(pg_api.results_dsn, amqp_url="amqp://guest:guest@127.0.0.1:1/")
-    pg_api.ctx.publisher = EventPublisher(settings, timeout=1.0)
-    try:
-        status, body = await pg_api.call("GET", "/ready")
-    finally:
-        await pg_api.ctx.publisher.close()
+    # The app's publisher points at a port nothing listens on; the Evolution DB is gone.
+    await pg_api.ctx.reader.close()
+    status, body = await pg_api.call("GET", "/ready")
     assert status == 503
     assert body["checks"]["broker"].startswith("down")
     assert body["checks"]["results_db"] == "ok"
@@ -341,13 +335,15 @@ async def test_metrics_refresh_the_dead_letter_queue_depth(
         dlx = await channel.get_exchange(topology.dlx_exchange)
         for n in range(3):
             await dlx.publish(aio_pika.Message(body=f"dead {n}".encode()), routing_key="")
-        async with open_store("postgres", results_dsn) as store:
-            ctx = AppContext(settings=settings, store=store)
-            async with serve(ctx) as client:
-                response = await client.get(
-                    "/metrics", headers={"Authorization": "Bearer " + API_TOKEN}
-                )
-                text = await response.text()
+        async with (
+            open_store("postgres", results_dsn) as store,
+            parts_around(settings, store) as ctx,
+            serve(ctx) as client,
+        ):
+            response = await client.get(
+                "/metrics", headers={"Authorization": "Bearer " + API_TOKEN}
+            )
+            text = await response.text()
         depth = next(
             s.value
             for family in text_string_to_metric_families(text)

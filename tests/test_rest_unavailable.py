@@ -10,8 +10,8 @@ from __future__ import annotations
 import uuid
 
 from service.adapters.stores.supabase import SupabaseStore
-from service.bootstrap.context import AppContext
 from tests.fakes.postgrest_server import running_postgrest
+from tests.parts import parts_around
 from tests.rest_support import (
     INSTANCE,
     SERVICE_KEY,
@@ -29,8 +29,10 @@ async def test_store_outage_is_503_and_passes(results_dsn: str, account: uuid.UU
         try:
             await store.add_instance(INSTANCE, account)
             await insert_leads(results_dsn, [lead_values(account, 1)])
-            ctx = AppContext(settings=rest_settings(results_dsn), store=store)
-            async with serve(ctx) as client:
+            async with (
+                parts_around(rest_settings(results_dsn), store) as ctx,
+                serve(ctx) as client,
+            ):
                 api = Api(client=client, ctx=ctx, results_dsn=results_dsn, account=account)
                 checks = [
                     ("GET", "/dialogs/analysis", {"userAccountId": str(account)}),

@@ -225,7 +225,7 @@ async def test_lead_hot_is_not_lost_while_unroutable(settings: Settings) -> None
                 )
         await svc.wait_row(phone, lambda r: r.interest_level == "hot")
         await svc.wait_idle()
-        store = svc.ctx.require_store()
+        store = svc.ctx.store
         await asyncio.sleep(1.0)  # several drains, each returned unroutable
         assert await store.outbox_depth() >= 1
         assert svc.drainer.published == 0

@@ -19,7 +19,6 @@ import pytest
 from service.adapters.stores.base import StoreAccessError
 from service.adapters.stores.factory import open_store
 from service.adapters.stores.supabase import SupabaseStore, key_role
-from service.bootstrap.context import AppContext
 from service.config import Settings
 from tests.fakes.postgrest_server import (
     ANON_KEY,
@@ -29,6 +28,7 @@ from tests.fakes.postgrest_server import (
     SERVICE_KEY,
     running_postgrest,
 )
+from tests.parts import parts_around
 from tests.rest_support import AUTH, rest_settings, serve
 from tests.supabase_db import execute, fetch
 
@@ -140,8 +140,10 @@ async def test_ready_answers_503_naming_the_key(results_dsn: str) -> None:
             # Opened without the start-up check, as a store whose key stopped working.
             store = await SupabaseStore.open(server.url, key, backoff=0.01)
             try:
-                ctx = AppContext(settings=rest_settings(results_dsn), store=store)
-                async with serve(ctx) as client:
+                async with (
+                    parts_around(rest_settings(results_dsn), store) as ctx,
+                    serve(ctx) as client,
+                ):
                     response = await client.get("/ready", headers=AUTH)
                     body = await response.json()
                 assert response.status == 503
@@ -156,8 +158,10 @@ async def test_ready_tells_missing_grants_from_a_wrong_key(results_dsn: str) -> 
     async with running_postgrest(results_dsn) as server:
         store = await SupabaseStore.open(server.url, SERVICE_KEY, backoff=0.01)
         try:
-            ctx = AppContext(settings=rest_settings(results_dsn), store=store)
-            async with serve(ctx) as client:
+            async with (
+                parts_around(rest_settings(results_dsn), store) as ctx,
+                serve(ctx) as client,
+            ):
                 assert (await (await client.get("/ready", headers=AUTH)).json())["checks"][
                     "results_db"
                 ] == "ok"

@@ -1,7 +1,7 @@
 """Builds a process's parts once at start: the adapters it needs, nothing more.
 
 `serve`, `consume` and `run` get an AppContext (what the HTTP app and the consumers
-share); `backfill` and the admin commands get typed parts with every field present.
+share, every part present); `backfill` and the admin commands get narrower typed parts.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from service.adapters.analyzers.base import Analyzer
 from service.adapters.evolution.reader import EvolutionReader
@@ -18,6 +19,10 @@ from service.bootstrap.context import AppContext
 from service.config import Settings
 from service.metrics import Metrics
 from service.usecases.pipeline import Pipeline
+
+if TYPE_CHECKING:
+    from service.adapters.analyzers.model_lifecycle import ModelLifecycle
+    from service.adapters.broker.publisher import EventPublisher
 
 
 def make_analyzer(settings: Settings) -> Analyzer:
@@ -31,57 +36,68 @@ def make_analyzer(settings: Settings) -> Analyzer:
     return OpenAIAnalyzer(settings, fallback=rules)
 
 
+def assemble(
+    settings: Settings,
+    store: ResultsStore,
+    reader: EvolutionReader,
+    analyzer: Analyzer,
+    *,
+    metrics: Metrics,
+    publisher: EventPublisher,
+    model_lifecycle: ModelLifecycle | None = None,
+) -> AppContext:
+    """An AppContext from opened parts (the pipeline is built over them)."""
+    return AppContext(
+        settings=settings,
+        metrics=metrics,
+        store=store,
+        reader=reader,
+        analyzer=analyzer,
+        pipeline=Pipeline(settings, reader, store, analyzer, metrics),
+        publisher=publisher,
+        model_lifecycle=model_lifecycle,
+    )
+
+
 @contextlib.asynccontextmanager
 async def app_context(
     settings: Settings,
     *,
-    store: bool = True,
-    reader: bool = True,
-    analyzer: bool = True,
-    publisher: bool = False,
+    analyzer: Analyzer | None = None,
     metrics: Metrics | None = None,
     lifecycle: bool = False,
     warm: bool = False,
 ) -> AsyncIterator[AppContext]:
-    """Open the requested adapters; close them all on exit, newest first. `warm`: open
-    the database pools with a connection per parallel analysis (consuming processes)."""
-    ctx = AppContext(settings=settings, metrics=metrics or Metrics())
+    """Open every part of a serve/consume/run process; close them on exit, newest first.
+    `analyzer`: use this one (the caller closes it) instead of ANALYZER's. `lifecycle`:
+    watch the OpenAI model's shutdown date. `warm`: database pools with a connection per
+    parallel analysis (consuming processes)."""
+    from service.adapters.broker.publisher import EventPublisher
+
+    metrics = metrics or Metrics()
     async with contextlib.AsyncExitStack() as stack:
-        if store:
-            from service.adapters.stores.factory import open_store
+        store, reader = await _databases(settings, stack, warm=warm)
+        if analyzer is None:
+            analyzer = make_analyzer(settings)
+            stack.push_async_callback(analyzer.close)
+        watch: ModelLifecycle | None = None
+        if lifecycle and settings.analyzer_kind() == "openai":
+            from service.adapters.analyzers.model_lifecycle import ModelLifecycle
 
-            ctx.store = await open_store(settings, warm=warm)
-            stack.push_async_callback(ctx.store.close)
-        if reader:
-            from service.adapters.evolution.reader import READER_POOL_SIZE, EvolutionReader
-            from service.adapters.stores.factory import warm_pool_size
-
-            url = settings.evolution_url()
-            ctx.reader = await EvolutionReader.connect(
-                url.dsn,
-                url.schema or "auto",
-                pooler=url.pooler,
-                min_size=warm_pool_size(settings, READER_POOL_SIZE) if warm else 1,
-                max_size=READER_POOL_SIZE,
-            )
-            stack.push_async_callback(ctx.reader.close)
-        if analyzer:
-            ctx.analyzer = make_analyzer(settings)
-            stack.push_async_callback(ctx.analyzer.close)
-            if lifecycle and settings.analyzer_kind() == "openai":
-                from service.adapters.analyzers.model_lifecycle import ModelLifecycle
-
-                ctx.model_lifecycle = ModelLifecycle(settings, ctx.metrics)
-                stack.push_async_callback(ctx.model_lifecycle.close)
-                ctx.model_lifecycle.start()
-        if publisher:
-            from service.adapters.broker.publisher import EventPublisher
-
-            ctx.publisher = EventPublisher(settings)
-            stack.push_async_callback(ctx.publisher.close)
-        if ctx.store is not None and ctx.reader is not None and ctx.analyzer is not None:
-            ctx.pipeline = Pipeline(settings, ctx.reader, ctx.store, ctx.analyzer, ctx.metrics)
-        yield ctx
+            watch = ModelLifecycle(settings, metrics)
+            stack.push_async_callback(watch.close)
+            watch.start()
+        publisher = EventPublisher(settings)
+        stack.push_async_callback(publisher.close)
+        yield assemble(
+            settings,
+            store,
+            reader,
+            analyzer,
+            metrics=metrics,
+            publisher=publisher,
+            model_lifecycle=watch,
+        )
 
 
 @dataclass(frozen=True)
@@ -125,11 +141,21 @@ async def backfill_parts(settings: Settings) -> AsyncIterator[BackfillParts]:
 
 
 async def _databases(
-    settings: Settings, stack: contextlib.AsyncExitStack
+    settings: Settings, stack: contextlib.AsyncExitStack, *, warm: bool = False
 ) -> tuple[ResultsStore, EvolutionReader]:
-    store = await open_store(settings)
+    """The results store and Evolution's database, closed with `stack`."""
+    from service.adapters.evolution.reader import READER_POOL_SIZE
+    from service.adapters.stores.factory import warm_pool_size
+
+    store = await open_store(settings, warm=warm)
     stack.push_async_callback(store.close)
     url = settings.evolution_url()
-    reader = await EvolutionReader.connect(url.dsn, url.schema or "auto", pooler=url.pooler)
+    reader = await EvolutionReader.connect(
+        url.dsn,
+        url.schema or "auto",
+        pooler=url.pooler,
+        min_size=warm_pool_size(settings, READER_POOL_SIZE) if warm else 1,
+        max_size=READER_POOL_SIZE,
+    )
     stack.push_async_callback(reader.close)
     return store, reader

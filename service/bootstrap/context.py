@@ -1,8 +1,12 @@
-"""The app context: every long-lived dependency, built once at start and passed explicitly."""
+"""What a `serve`, `consume` or `run` process is built from: every part present.
+
+Built once at start by `bootstrap.builders.app_context` and passed explicitly. Commands
+that need less (`backfill`, `eval`, admin commands) get narrower typed parts there.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from service.config import Settings
@@ -17,28 +21,15 @@ if TYPE_CHECKING:
     from service.usecases.pipeline import Pipeline
 
 
-@dataclass
+@dataclass(frozen=True)
 class AppContext:
     settings: Settings
-    metrics: Metrics = field(default_factory=Metrics)
-    store: ResultsStore | None = None
-    reader: EvolutionReader | None = None
-    analyzer: Analyzer | None = None
-    publisher: EventPublisher | None = None
-    pipeline: Pipeline | None = None
-    model_lifecycle: ModelLifecycle | None = None  # shutdown-date watch of OPENAI_MODEL
-
-    def require_store(self) -> ResultsStore:
-        if self.store is None:
-            raise RuntimeError("results store not configured in this process")
-        return self.store
-
-    def require_pipeline(self) -> Pipeline:
-        if self.pipeline is None:
-            raise RuntimeError("analysis pipeline not configured in this process")
-        return self.pipeline
-
-    def require_publisher(self) -> EventPublisher:
-        if self.publisher is None:
-            raise RuntimeError("event publisher not configured in this process")
-        return self.publisher
+    metrics: Metrics
+    store: ResultsStore
+    reader: EvolutionReader
+    analyzer: Analyzer
+    pipeline: Pipeline
+    # Connects on first use: a process that never publishes never opens a channel.
+    publisher: EventPublisher
+    # The shutdown-date watch of OPENAI_MODEL: present only with the OpenAI analyzer.
+    model_lifecycle: ModelLifecycle | None = None

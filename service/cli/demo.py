@@ -146,8 +146,8 @@ async def run_demo(
     )
     dialogs = load_sample_dialogs()
     bodies = webhook_bodies(dialogs, DEMO_INSTANCE)
-    async with app_context(demo, publisher=True) as ctx:
-        store = ctx.require_store()
+    async with app_context(demo) as ctx:
+        store = ctx.store
         await store.add_instance(DEMO_INSTANCE, DEMO_ACCOUNT)
         consumer = ContactConsumer(ctx)
         await consumer.start()
@@ -157,7 +157,7 @@ async def run_demo(
         url = f"http://127.0.0.1:{port}/webhooks/evolution?token={webhook_token}"
         say(
             f"replaying {len(bodies)} messages of {len(dialogs)} dialogs as Evolution webhooks "
-            f"(analyzer: {ctx.require_pipeline().analyzer_name}) ..."
+            f"(analyzer: {ctx.pipeline.analyzer_name}) ..."
         )
         started = time.monotonic()
         evo = await asyncpg.connect(evolution_dsn)

@@ -531,9 +531,7 @@ async def _serve_until_stopped(settings: Settings, *, consume: bool, serve: bool
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     bridge_on = consume and bool(settings.evolution_amqp_exchange)
-    async with app_context(
-        settings, publisher=serve or bridge_on, lifecycle=True, warm=consume
-    ) as ctx:
+    async with app_context(settings, lifecycle=True, warm=consume) as ctx:
         workers: list[Any] = []  # consumers; started in the background
         starting: list[asyncio.Task[None]] = []
         failures: list[BaseException] = []
@@ -569,9 +567,7 @@ async def _serve_until_stopped(settings: Settings, *, consume: bool, serve: bool
                 # published from here.
                 workers.append(OutboxDrainer(ctx))
                 # Outbound webhooks ride along every consume process: none to start apart.
-                workers.append(
-                    WebhookWorkers(settings, webhook_store(ctx.require_store()), ctx.metrics)
-                )
+                workers.append(WebhookWorkers(settings, webhook_store(ctx.store), ctx.metrics))
             if bridge_on:
                 from consumers.evolution_bridge import EvolutionBridge
 

@@ -14,10 +14,13 @@ import inspect
 import os
 import pkgutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from bench._report import SUMMARY_ENV, line, read
 
 HERE = Path(__file__).parent
 
@@ -63,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     status = 0
+    summary = tempfile.NamedTemporaryFile(prefix="bench-summary-", suffix=".jsonl", delete=False)
+    summary.close()
+    os.environ[SUMMARY_ENV] = summary.name
     for name in args or available:
         # The machine is shared: the load beside each figure says how far to trust it.
         print(f"=== bench {name} (load average {_load()})", flush=True)
@@ -74,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         status = status or code
+    figures = read(summary.name)
+    os.unlink(summary.name)
+    if figures:
+        # Every target of the run together, each ratio beside the baseline it was measured
+        # against in this same run.
+        print(f"=== summary (load average {_load()})")
+        for figure in figures:
+            print(f"  {figure.bench:16} {line(figure)}")
     return status
 
 

@@ -87,10 +87,13 @@ async def _serve(kind: str, port: int, ready: EventType) -> None:
 
     settings = load_settings(dotenv=None)
     setup_logging(settings)
+    stats = None
     async with contextlib.AsyncExitStack() as parts:
         if kind == "intake":
             # Built as `crm-backend serve` builds it (the databases are idle here).
-            app = make_app(await parts.enter_async_context(app_context(settings)))
+            ctx = await parts.enter_async_context(app_context(settings))
+            stats = ctx.publisher.stats
+            app = make_app(ctx)
         else:
             app = _bare_app()
         # As `crm-backend serve` runs it: no aiohttp access log.
@@ -103,10 +106,24 @@ async def _serve(kind: str, port: int, ready: EventType) -> None:
         ready.set()
         await stop.wait()
         await runner.cleanup()
+    if stats is not None:
+        flushes = max(stats.flushes, 1)
+        print(
+            f"publisher: {stats.requests} requests in {stats.flushes} flushes "
+            f"({stats.requests / flushes:.1f} requests, {stats.messages / flushes:.1f} AMQP "
+            f"messages per flush)",
+            flush=True,
+        )
 
 
 def _server_main(kind: str, env: dict[str, str], port: int, ready: EventType) -> None:
     os.environ.update(env)
+    loops = os.environ.get("BENCH_UVLOOP", "")
+    if kind in loops.split(","):
+        import uvloop
+
+        uvloop.run(_serve(kind, port, ready))
+        return
     asyncio.run(_serve(kind, port, ready))
 
 

@@ -29,7 +29,13 @@ import msgspec
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from loguru import logger
 
-from service.adapters.broker.confirm import BrokerUnavailableError, NackedError, publish_confirmed
+from service.adapters.broker.confirm import (
+    BrokerUnavailableError,
+    NackedError,
+    Outgoing,
+    publish_confirmed,
+    publish_confirmed_many,
+)
 from service.adapters.broker.connection import MultiNodeConnection, connect_cluster
 from service.adapters.broker.envelope import (
     H_ATTEMPT,
@@ -280,19 +286,19 @@ class EventPublisher:
 
     async def _send_chunks(self, batch: list[_Request]) -> None:
         chunks = self._chunks(batch)
-        results: list[BaseException | None]
+        results: list[BrokerUnavailableError | None]
         try:
             # One deadline for the whole flush (a timer per message costs at high rates).
             async with asyncio.timeout(self._timeout):
-                results = await asyncio.gather(
-                    *(self._send_chunk(chunk) for chunk in chunks), return_exceptions=True
-                )
+                results = await self._send_all(chunks)
         except TimeoutError:
             results = [self._timed_out()] * len(chunks)
+        except BrokerUnavailableError as exc:
+            results = [exc] * len(chunks)
         self.stats.flushes += 1
         failed: dict[int, BaseException] = {}
         for chunk, result in zip(chunks, results, strict=True):
-            if isinstance(result, BaseException):
+            if result is not None:
                 self.stats.failures += 1
                 for index in chunk.requests:
                     failed.setdefault(index, result)
@@ -306,20 +312,47 @@ class EventPublisher:
             if error is None:
                 request.future.set_result(None)
             else:
-                if not isinstance(error, BrokerUnavailableError):
-                    error = BrokerUnavailableError(f"{type(error).__name__}: {error}")
                 request.future.set_exception(error)
 
-    async def _send_chunk(self, chunk: _Chunk) -> None:
-        headers = batch_headers(chunk.events, {H_ATTEMPT: 0})
-        message_id = chunk.events[0].idempotency_key if len(chunk.events) == 1 else None
-        await self._confirmed(
-            self._topology.intake_exchange,
-            self._topology.shard_key(chunk.shard),
-            _BATCH_HEAD + b",".join(chunk.parts) + _BATCH_TAIL,
-            headers,
-            message_id,
-        )
+    async def _send_all(self, chunks: list[_Chunk]) -> list[BrokerUnavailableError | None]:
+        """Every chunk of a flush as one confirmed publish each, written together."""
+        messages: list[Outgoing] = []
+        ids: list[str] = []
+        for chunk in chunks:
+            message_id = chunk.events[0].idempotency_key if len(chunk.events) == 1 else None
+            if message_id is not None:
+                if message_id in self._pending_ids:
+                    message_id = None  # a random, unique one instead (see _confirmed)
+                else:
+                    self._pending_ids.add(message_id)
+                    ids.append(message_id)
+            messages.append(
+                Outgoing(
+                    routing_key=self._topology.shard_key(chunk.shard),
+                    body=_BATCH_HEAD + b",".join(chunk.parts) + _BATCH_TAIL,
+                    headers=batch_headers(chunk.events, {H_ATTEMPT: 0}),
+                    message_id=message_id,
+                )
+            )
+        try:
+            channel = await self._ready_channel()
+            results = await publish_confirmed_many(
+                channel, self._topology.intake_exchange, messages
+            )
+        except BrokerUnavailableError as exc:
+            self._note_failure(str(exc))
+            raise
+        finally:
+            self._pending_ids.difference_update(ids)
+        failures = [r for r in results if r is not None]
+        if failures:
+            self._note_failure(str(failures[0]))
+            if any(isinstance(r, NackedError) for r in failures):
+                self._renew_channel()
+        elif not self._healthy:
+            self._healthy = True
+            logger.info("RabbitMQ publishing recovered")
+        return results
 
     # -- one confirmed message (callers bound the time it may take) ---------------------
     async def _confirmed(

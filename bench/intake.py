@@ -118,12 +118,6 @@ async def _serve(kind: str, port: int, ready: EventType) -> None:
 
 def _server_main(kind: str, env: dict[str, str], port: int, ready: EventType) -> None:
     os.environ.update(env)
-    loops = os.environ.get("BENCH_UVLOOP", "")
-    if kind in loops.split(","):
-        import uvloop
-
-        uvloop.run(_serve(kind, port, ready))
-        return
     asyncio.run(_serve(kind, port, ready))
 
 

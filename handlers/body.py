@@ -38,11 +38,19 @@ async def read_limited(request: web.Request, limit: int, seconds: float) -> byte
         raise BodyError(415, "Content-Encoding must be identity, gzip or deflate")
     if request.content_length is not None and request.content_length > limit:
         raise BodyError(413, f"body larger than {limit} bytes")
+    content = request.content
+    if inflater is None and content.is_eof():
+        # The whole body has arrived already (a webhook usually comes in one segment
+        # with its head): no wait, so no timer and no chunk iteration.
+        body = content.read_nowait(-1)
+        if len(body) > limit:
+            raise BodyError(413, f"body larger than {limit} bytes")
+        return body
     parts: list[bytes] = []
     size = 0
     try:
         async with asyncio.timeout(seconds):
-            async for chunk in request.content.iter_chunked(_READ_CHUNK):
+            async for chunk in content.iter_chunked(_READ_CHUNK):
                 if inflater is None:
                     size += len(chunk)
                     if size > limit:

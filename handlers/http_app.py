@@ -19,6 +19,9 @@ def make_app(ctx: AppContext) -> web.Application:
         handler_args=handler_args(ctx.settings),
     )
     app[CTX] = ctx
+    if ctx.settings.log_level not in ("TRACE", "DEBUG"):
+        # Webhooks skip the middlewares below (handlers.webhooks.lean_middleware).
+        app.middlewares.append(webhooks.lean_middleware())
     app.middlewares.append(request_context)  # first, so outermost
     health.setup(app)
     webhooks.setup(app)

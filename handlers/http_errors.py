@@ -8,7 +8,6 @@ a 503.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import re
 import uuid
@@ -68,21 +67,24 @@ def json_response(payload: msgspec.Struct, status: int = 200) -> web.Response:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ApiError as exc:
-        return error_response(exc.status, exc.error, exc.details)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return _http_error(request, exc)
-    except asyncio.CancelledError:
-        raise
     except Exception as exc:
-        failure = http_failure(exc)
-        if failure is not None:
-            logger.warning("dependency unavailable: {}: {}", type(exc).__name__, exc)
-            return error_response(*failure)
-        logger.exception("unhandled error in {} {}", request.method, request.path)
-        return error_response(500, "internal error")
+        return failure_response(request, exc)
+
+
+def failure_response(request: web.Request, exc: Exception) -> web.Response:
+    """The JSON answer to an exception a handler raised (re-raised when it is none)."""
+    if isinstance(exc, ApiError):
+        return error_response(exc.status, exc.error, exc.details)
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            raise exc
+        return _http_error(request, exc)
+    failure = http_failure(exc)
+    if failure is not None:
+        logger.warning("dependency unavailable: {}: {}", type(exc).__name__, exc)
+        return error_response(*failure)
+    logger.opt(exception=exc).error("unhandled error in {} {}", request.method, request.path)
+    return error_response(500, "internal error")
 
 
 def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:

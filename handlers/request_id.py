@@ -18,12 +18,17 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def request_id_of(request: web.Request) -> str:
+    """The caller's X-Request-Id when it is a plain token, else a new one."""
+    given = request.headers.get("X-Request-Id", "")
+    # Not a secret, just unique enough to correlate lines: no urandom call per request.
+    return given if _REQUEST_ID.fullmatch(given) else f"{random.getrandbits(64):016x}"
+
+
 @web.middleware
 async def request_context(request: web.Request, handler: _Handler) -> web.StreamResponse:
     """Request id on every log line of the request; one DEBUG line per request."""
-    given = request.headers.get("X-Request-Id", "")
-    # Not a secret, just unique enough to correlate lines: no urandom call per request.
-    request_id = given if _REQUEST_ID.fullmatch(given) else f"{random.getrandbits(64):016x}"
+    request_id = request_id_of(request)
     started = time.perf_counter()
     status = 500
     with logger.contextualize(request_id=request_id):

@@ -111,7 +111,8 @@ async def _serve(kind: str, port: int, ready: EventType) -> None:
         print(
             f"publisher: {stats.requests} requests in {stats.flushes} flushes "
             f"({stats.requests / flushes:.1f} requests, {stats.messages / flushes:.1f} AMQP "
-            f"messages per flush)",
+            f"messages per flush, {stats.flush_seconds / flushes * 1000:.1f} ms from write to "
+            f"confirm)",
             flush=True,
         )
 
@@ -380,6 +381,7 @@ async def _bench(args: argparse.Namespace) -> int:
     run = secrets.token_hex(3).upper()
     results: dict[str, list[LoadResult]] = {"bare": [], "intake": []}
     cpu: dict[str, list[float]] = {"bare": [], "intake": [], "broker": []}
+    system: dict[str, list[float]] = {"bare": [], "intake": []}  # kernel part of `cpu`
     broker_pid = _pid_of("beam.smp")
     try:
         with (
@@ -396,8 +398,12 @@ async def _bench(args: argparse.Namespace) -> int:
             for round_ in range(args.rounds):
                 for name, (url, pid) in urls.items():
                     before = (_cpu_seconds(pid), _cpu_seconds(broker_pid))
+                    sys_before = _cpu_seconds(pid, system_only=True)
                     result = await run_load(tool, url, f"{run}{name[0]}{round_}", args)
                     after = (_cpu_seconds(pid), _cpu_seconds(broker_pid))
+                    system[name].append(
+                        (_cpu_seconds(pid, system_only=True) - sys_before) / max(result.requests, 1)
+                    )
                     results[name].append(result)
                     cpu[name].append((after[0] - before[0]) / max(result.requests, 1))
                     if name == "intake":
@@ -411,13 +417,14 @@ async def _bench(args: argparse.Namespace) -> int:
     print(f"load: {intake.tool}; {args.rounds} alternating rounds, median round shown")
     print(
         f"{'server':<8} {'req/s':>9} {'requests':>9} {'non-200':>8} {'p50 ms':>8} "
-        f"{'p99 ms':>8} {'cpu us/req':>11}"
+        f"{'p99 ms':>8} {'cpu us/req':>11} {'of it kernel':>13}"
     )
     for name, result in (("bare", bare), ("intake", intake)):
         print(
             f"{name:<8} {result.rate:>9.0f} {result.requests:>9} {result.errors:>8} "
             f"{result.p50_ms:>8.2f} {result.p99_ms:>8.2f} "
-            f"{statistics.median(cpu[name]) * 1e6:>11.0f}"
+            f"{statistics.median(cpu[name]) * 1e6:>11.0f} "
+            f"{statistics.median(system[name]) * 1e6:>13.0f}"
         )
     if broker_pid is not None:
         print(f"broker CPU per intake request: {statistics.median(cpu['broker']) * 1e6:.0f} us")
@@ -460,15 +467,16 @@ def _median(results: list[LoadResult]) -> LoadResult:
     return sorted(results, key=lambda r: r.rate)[len(results) // 2]
 
 
-def _cpu_seconds(pid: int | None) -> float:
-    """User + system CPU time of a process (Linux /proc; 0 elsewhere)."""
+def _cpu_seconds(pid: int | None, *, system_only: bool = False) -> float:
+    """User + system (or system only) CPU time of a process (Linux /proc; 0 elsewhere)."""
     if pid is None:
         return 0.0
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[12]) if system_only else int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _pid_of(command: str) -> int | None:

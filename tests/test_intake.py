@@ -488,6 +488,50 @@ async def test_request_id_and_metrics_endpoint(settings: Settings) -> None:
     await drain(settings)
 
 
+@pytest.mark.parametrize("log_level", ["WARNING", "DEBUG"])
+async def test_webhook_request_id_and_errors_on_either_path(
+    amqp_url: str, amqp_prefix: str, log_level: str
+) -> None:
+    """Without DEBUG logging the webhooks skip the other middlewares; with it they run
+    through them. Either way: the request id on the answer and on the handler's log
+    lines, and an unexpected error answered as JSON 500."""
+    from tests.harness import delete_topology
+
+    settings = amqp_settings(
+        amqp_url, amqp_prefix, webhook_max_body_bytes=4096, log_level=log_level
+    )
+    records: list[dict[str, Any]] = []
+    sink = logger.add(lambda m: records.append(m.record), level="INFO")
+    try:
+        async with intake_app(settings) as (client, ctx):
+            resp = await client.post(
+                "/webhooks/evolution?token=wrong",
+                data=body_of(message()),
+                headers={"X-Request-Id": "req-401"},
+            )
+            assert resp.status == 401 and resp.headers["X-Request-Id"] == "req-401"
+            assert (await resp.json())["ok"] is False
+
+            async def broken(events: Any) -> None:
+                raise RuntimeError("publisher bug")
+
+            ctx.publisher.publish = broken  # type: ignore[method-assign,union-attr]
+            resp = await client.post(
+                URL, data=body_of(message()), headers={"X-Request-Id": "req-500"}
+            )
+            assert resp.status == 500 and resp.headers["X-Request-Id"] == "req-500"
+            assert await resp.json() == {"success": False, "error": "internal error"}
+    finally:
+        logger.remove(sink)
+        await delete_topology(settings)
+    refused = [r for r in records if r["message"].startswith("webhook refused")]
+    assert [r["extra"].get("request_id") for r in refused] == ["req-401"]
+    failed = [r for r in records if r["message"].startswith("unhandled error")]
+    assert len(failed) == 1 and failed[0]["extra"].get("request_id") == "req-500"
+    assert failed[0]["exception"] is not None
+    assert counter(ctx, "unknown", "unauthorized") == 1
+
+
 async def test_no_phone_or_text_in_logs_above_debug(
     settings: Settings, webhook_bodies: dict[str, dict[str, Any]]
 ) -> None:

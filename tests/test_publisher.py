@@ -19,6 +19,12 @@ import msgspec
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from service.adapters.broker.confirm import (
+    NackedError,
+    Outgoing,
+    UnroutableError,
+    publish_confirmed_many,
+)
 from service.adapters.broker.envelope import (
     H_ATTEMPT,
     H_IDEMPOTENCY_KEYS,
@@ -408,6 +414,46 @@ async def test_nacked_message_is_an_error(settings: Settings, publisher: EventPu
         await full.bind(topology.events_exchange, routing_key="full.queue")
         with pytest.raises(BrokerUnavailableError, match="nack"):
             await publisher.publish_raw(topology.events_exchange, "full.queue", b"{}")
+    finally:
+        await connection.close()
+
+
+async def test_batch_publish_reports_each_message(
+    settings: Settings, publisher: EventPublisher
+) -> None:
+    """One write for several messages, one outcome each: routed and confirmed, returned
+    unroutable, refused (nack); the channel keeps working afterwards."""
+    topology = Topology(settings)
+    await publisher.publish([make_event(1)])  # declares the topology
+    connection = await aio_pika.connect(settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        full = await channel.declare_queue(
+            "", exclusive=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        )
+        await full.bind(topology.events_exchange, routing_key="full.queue")
+        good = await channel.declare_queue("", exclusive=True)
+        await good.bind(topology.events_exchange, routing_key="good.queue")
+        confirming = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        batch = [
+            Outgoing("good.queue", b'{"n":1}', {H_ATTEMPT: 0}, "batch-id-1"),
+            Outgoing("nobody.listens", b"{}", {}),
+            Outgoing("full.queue", b"{}", {}),
+            Outgoing("good.queue", b'{"n":2}', {}),
+        ]
+        results = await publish_confirmed_many(confirming, topology.events_exchange, batch)
+        assert results[0] is None and results[3] is None
+        assert isinstance(results[1], UnroutableError)
+        assert isinstance(results[2], NackedError)
+        first = await good.get(timeout=5)
+        second = await good.get(timeout=5)
+        assert (first.body, second.body) == (b'{"n":1}', b'{"n":2}')
+        assert first.message_id == "batch-id-1" and second.message_id
+        assert first.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        assert first.headers == {H_ATTEMPT: 0}
+        assert await publish_confirmed_many(
+            confirming, topology.events_exchange, [Outgoing("good.queue", b"{}", {})]
+        ) == [None]
     finally:
         await connection.close()
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,7 @@ class PublishStats:
     messages: int = 0  # AMQP messages confirmed
     flushes: int = 0  # group commits sent
     failures: int = 0  # AMQP messages not confirmed
+    flush_seconds: float = 0.0  # time from a flush's first write to its last confirm
 
 
 @dataclass(eq=False)
@@ -287,6 +289,7 @@ class EventPublisher:
     async def _send_chunks(self, batch: list[_Request]) -> None:
         chunks = self._chunks(batch)
         results: list[BrokerUnavailableError | None]
+        started = time.perf_counter()
         try:
             # One deadline for the whole flush (a timer per message costs at high rates).
             async with asyncio.timeout(self._timeout):
@@ -296,6 +299,7 @@ class EventPublisher:
         except BrokerUnavailableError as exc:
             results = [exc] * len(chunks)
         self.stats.flushes += 1
+        self.stats.flush_seconds += time.perf_counter() - started
         failed: dict[int, BaseException] = {}
         for chunk, result in zip(chunks, results, strict=True):
             if result is not None:

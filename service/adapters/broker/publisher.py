@@ -6,9 +6,10 @@ request calls it once; awaiting one confirm per request caps intake at a few hun
 requests a second, so calls are group-committed: events that arrive while a flush is in
 flight wait and leave together in the next one, grouped into one message per shard.
 When nothing is in flight a flush starts at once, so an idle service adds no latency;
-under load (the previous flush carried several requests) a flush waits `linger` (2 ms)
-first, which makes batches larger and AMQP messages per request fewer: each confirmed
-message costs the client and the broker far more CPU than an event inside it.
+under load (the previous flush carried several requests) a flush waits while requests
+keep arriving, up to `linger` (2 ms), which makes batches larger and AMQP messages per
+request fewer: each confirmed message costs the client and the broker far more CPU than
+an event inside it.
 
 The connection goes to any live node of AMQP_URL and fails over to another on loss
 (service/adapters/broker/connection.py; aio-pika restores the channel). While no node answers,
@@ -217,7 +218,7 @@ class EventPublisher:
             if self._linger > 0 and self._last_batch >= _BUSY_BATCH:
                 # Busy: a moment's wait lets the batch grow, and per-message costs
                 # (client and broker) dominate intake under load. Idle: no wait at all.
-                await asyncio.sleep(self._linger)
+                await self._gather_arrivals()
             self._flush_starting = False
             batch = self._take_batch()
             self._last_batch = len(batch)
@@ -229,6 +230,19 @@ class EventPublisher:
             self._in_flight -= 1
             if not self._closed:
                 self._start_flush()
+
+    async def _gather_arrivals(self) -> None:
+        """Wait while requests keep joining, at most `linger`: loop turns until one adds
+        no request (the burst that arrived together has been read and decoded), so a
+        flush neither leaves part of a burst behind nor idles once it is complete."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._linger
+        seen, quiet = len(self._waiting), 0
+        # Two quiet turns: a request read in one turn reaches publish() in the next.
+        while quiet < 2 and loop.time() < deadline:
+            await asyncio.sleep(0)
+            quiet = quiet + 1 if len(self._waiting) == seen else 0
+            seen = len(self._waiting)
 
     def _take_batch(self) -> list[_Request]:
         batch: list[_Request] = []

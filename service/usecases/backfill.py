@@ -23,7 +23,7 @@ import msgspec
 from loguru import logger
 from msgspec import Meta
 
-from service.adapters.analyzers.base import TokenUsage
+from service.adapters.analyzers.base import AnalysisResult, Analyzer, TokenUsage
 from service.adapters.analyzers.prices import EST_COMPLETION_TOKENS, PRICES_AS_OF, cost_usd
 from service.adapters.stores.base import AnalysisWrite, StoredState, UpsertResult
 from service.domain.dialog import ContactSummary, Dialog
@@ -142,13 +142,19 @@ async def run_backfill(
     """Analyse the instance's contacts. `stats` is filled as it goes, so a caller that
     cancels still has the counts of what finished."""
     stats = stats if stats is not None else BackfillStats.zero()
-    queue: asyncio.Queue[ContactSummary | None] = asyncio.Queue(maxsize=options.concurrency * 2)
+    # `concurrency` is the number of analyses (model calls) in flight. Twice as many
+    # contacts are worked on: while the analyzer's slots are busy the others read their
+    # dialogs, store their results, or need no analyzer at all (new_lead rows, unchanged
+    # contacts), so no slot waits on the databases.
+    workers_count = options.concurrency * 2
+    queue: asyncio.Queue[ContactSummary | None] = asyncio.Queue(maxsize=workers_count * 2)
     # Contacts over the threshold, counted as they are handed out (caps --max-dialogs).
     budget = _DialogBudget(options.max_dialogs)
     store = pipeline.store
     paged = PagedStore(store) if isinstance(store, BulkStore) else None
-    if paged is not None:
-        pipeline = pipeline.with_store(paged)
+    pipeline = pipeline.with_parts(
+        store=paged, analyzer=GatedAnalyzer(pipeline.analyzer, options.concurrency)
+    )
     page_size = max(options.concurrency, _MIN_PAGE)
 
     async def hand_out(page: list[ContactSummary]) -> None:
@@ -175,7 +181,7 @@ async def run_backfill(
                     await hand_out(page)
             await hand_out(page)
         finally:
-            for _ in range(options.concurrency):
+            for _ in range(workers_count):
                 await queue.put(None)
 
     async def work() -> None:
@@ -189,7 +195,7 @@ async def run_backfill(
                 progress(stats, expected_total)
 
     producer = asyncio.create_task(produce())
-    workers = [asyncio.create_task(work()) for _ in range(options.concurrency)]
+    workers = [asyncio.create_task(work()) for _ in range(workers_count)]
     try:
         await asyncio.gather(producer, *workers)
     except asyncio.CancelledError:
@@ -222,6 +228,22 @@ _FLUSHERS = 2
 
 def _jid(phone: str) -> str:
     return f"{phone}@s.whatsapp.net"
+
+
+class GatedAnalyzer:
+    """The analyzer with at most `slots` analyses in flight (a FIFO wait for a slot)."""
+
+    def __init__(self, analyzer: Analyzer, slots: int) -> None:
+        self._analyzer = analyzer
+        self._slots = asyncio.Semaphore(slots)
+        self.name = analyzer.name
+
+    async def analyze(self, dialog: Dialog) -> AnalysisResult:
+        async with self._slots:
+            return await self._analyzer.analyze(dialog)
+
+    async def close(self) -> None:
+        """The analyzer is its owner's to close."""
 
 
 class PagedStore:

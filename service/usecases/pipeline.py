@@ -112,9 +112,22 @@ class Pipeline:
     def store(self) -> PipelineStore:
         return self._store
 
-    def with_store(self, store: PipelineStore) -> Pipeline:
-        """The same pipeline writing through `store` (the backfill's batching front)."""
-        return Pipeline(self._settings, self._reader, store, self._analyzer, self._metrics)
+    @property
+    def analyzer(self) -> Analyzer:
+        return self._analyzer
+
+    def with_parts(
+        self, *, store: PipelineStore | None = None, analyzer: Analyzer | None = None
+    ) -> Pipeline:
+        """The same pipeline through another store or analyzer front (the backfill's page
+        cache and write batches, its limit on analyses in flight); None keeps the part."""
+        return Pipeline(
+            self._settings,
+            self._reader,
+            self._store if store is None else store,
+            self._analyzer if analyzer is None else analyzer,
+            self._metrics,
+        )
 
     @property
     def analyzer_name(self) -> str:

@@ -120,8 +120,16 @@ async def _bench(args: argparse.Namespace, base_url: str) -> int:
             )
             t0 = time.perf_counter()
             if args.workers > 1:
+                from service.bootstrap.builders import backfill_parts
+
                 await run_backfill_workers(
-                    settings, ctx.reader, options, args.workers, progress, stats=stats
+                    settings,
+                    ctx.reader,
+                    options,
+                    args.workers,
+                    backfill_parts,
+                    progress,
+                    stats=stats,
                 )
             else:
                 await run_backfill(pipeline, ctx.reader, options, progress, stats=stats)

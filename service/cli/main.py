@@ -461,7 +461,13 @@ async def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
             from service.usecases.backfill_workers import run_backfill_workers
 
             run = run_backfill_workers(
-                settings, reader, options, args.workers, progress.update, stats=stats
+                settings,
+                reader,
+                options,
+                args.workers,
+                backfill_parts,
+                progress.update,
+                stats=stats,
             )
         task = asyncio.create_task(run)
         loop = asyncio.get_running_loop()

@@ -22,10 +22,11 @@ import multiprocessing
 import queue
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from multiprocessing.context import SpawnProcess
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from loguru import logger
@@ -39,6 +40,22 @@ from service.usecases.backfill import (
     ProgressFn,
     _DialogBudget,
 )
+from service.usecases.pipeline import Pipeline
+
+
+class WorkerParts(Protocol):
+    """What a worker process runs its share on (`bootstrap.builders.BackfillParts`)."""
+
+    @property
+    def pipeline(self) -> Pipeline: ...
+
+    @property
+    def reader(self) -> ContactLister: ...
+
+
+# Opens a worker's parts from the settings: a module-level function (it is pickled by name
+# into the worker processes), e.g. `service.bootstrap.builders.backfill_parts`.
+PartsFactory = Callable[[Settings], AbstractAsyncContextManager[WorkerParts]]
 
 # Contacts per page handed to a worker, and pages waiting per worker.
 _PAGE = 64
@@ -63,11 +80,13 @@ async def run_backfill_workers(
     reader: ContactLister,
     options: BackfillOptions,
     workers: int,
+    open_parts: PartsFactory,
     progress: ProgressFn | None = None,
     expected_total: int | None = None,
     stats: BackfillStats | None = None,
 ) -> BackfillStats:
-    """`run_backfill` over `workers` processes (see the module's doc)."""
+    """`run_backfill` over `workers` processes (see the module's doc); each opens its
+    pipeline with `open_parts`."""
     stats = stats if stats is not None else BackfillStats.zero()
     ctx = multiprocessing.get_context("spawn")
     parts = shares(options.concurrency, workers)
@@ -80,7 +99,7 @@ async def run_backfill_workers(
     procs: list[SpawnProcess] = [
         ctx.Process(
             target=_worker_main,
-            args=(settings, msgspec.json.encode(opts), inbox, outbox, i),
+            args=(open_parts, settings, msgspec.json.encode(opts), inbox, outbox, i),
             name=f"crm-backfill-{i}",
             daemon=True,
         )
@@ -220,14 +239,21 @@ class _Fed:
         return 0  # counted once, by the parent
 
 
-def _worker_main(settings: Settings, options: bytes, inbox: Any, outbox: Any, index: int) -> None:
+def _worker_main(
+    open_parts: PartsFactory,
+    settings: Settings,
+    options: bytes,
+    inbox: Any,
+    outbox: Any,
+    index: int,
+) -> None:
     """A worker process: its own pools, analyzer and event loop."""
     from service.logs import setup_logging
 
     setup_logging(settings)
     opts = msgspec.json.decode(options, type=BackfillOptions)
     try:
-        stats = asyncio.run(_work(settings, opts, inbox, outbox, index))
+        stats = asyncio.run(_work(open_parts, settings, opts, inbox, outbox, index))
     except BaseException as exc:  # reported, then the process ends with an error
         outbox.put(("error", index, f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from None
@@ -235,9 +261,13 @@ def _worker_main(settings: Settings, options: bytes, inbox: Any, outbox: Any, in
 
 
 async def _work(
-    settings: Settings, options: BackfillOptions, inbox: Any, outbox: Any, index: int
+    open_parts: PartsFactory,
+    settings: Settings,
+    options: BackfillOptions,
+    inbox: Any,
+    outbox: Any,
+    index: int,
 ) -> BackfillStats:
-    from service.bootstrap.builders import backfill_parts
     from service.usecases.backfill import run_backfill
 
     stats = BackfillStats.zero()
@@ -250,7 +280,7 @@ async def _work(
             last = now
             outbox.put(("stats", index, msgspec.json.encode(current)))
 
-    async with backfill_parts(settings) as parts:
+    async with open_parts(settings) as parts:
         task = asyncio.create_task(
             run_backfill(parts.pipeline, _Fed(parts.reader, inbox), options, report, stats=stats)
         )

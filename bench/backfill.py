@@ -8,7 +8,7 @@ latency, and backfills through the real `openai` client and the real results sto
 - resident memory after a small and after a large part of the run (flat = the contact
   list is streamed, not loaded).
 
-    python -m bench backfill [-- --contacts 20000 --dialogs 6000 --concurrency 32]
+    python -m bench backfill [-- --contacts 20000 --dialogs 6000 --concurrency 32 --workers 1]
 
 Target: >= 0.9 x ideal at concurrency 32. Databases and queues are dropped at the end.
 """
@@ -36,6 +36,7 @@ from service.adapters.stores.migrations import apply_migrations
 from service.bootstrap.builders import app_context
 from service.config import load_settings
 from service.usecases.backfill import BackfillOptions, BackfillStats, run_backfill
+from service.usecases.backfill_workers import run_backfill_workers
 
 
 def _rss_mib() -> float:
@@ -117,12 +118,26 @@ async def _bench(args: argparse.Namespace, base_url: str) -> int:
                 concurrency=args.concurrency,
             )
             t0 = time.perf_counter()
-            await run_backfill(pipeline, ctx.reader, options, progress, stats=stats)
+            if args.workers > 1:
+                from service.bootstrap.builders import backfill_parts
+
+                await run_backfill_workers(
+                    settings,
+                    ctx.reader,
+                    options,
+                    args.workers,
+                    backfill_parts,
+                    progress,
+                    stats=stats,
+                )
+            else:
+                await run_backfill(pipeline, ctx.reader, options, progress, stats=stats)
             elapsed = time.perf_counter() - t0
         ideal = args.concurrency / args.latency
         rate = stats.analyzed / elapsed
         print(
-            f"backfill: {stats.analyzed:,} dialogs analysed ({stats.new_leads:,} new_lead rows, "
+            f"backfill ({args.workers} process{'es' if args.workers > 1 else ''}): "
+            f"{stats.analyzed:,} dialogs analysed ({stats.new_leads:,} new_lead rows, "
             f"{stats.errors} errors) in {elapsed:.1f}s"
         )
         print(
@@ -150,6 +165,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dialogs", type=int, default=6_000, help="contacts to analyse")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--latency", type=float, default=0.2)
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes (`backfill --workers`), sharing it"
+    )
     return parser.parse_args(argv)
 
 

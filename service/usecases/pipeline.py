@@ -26,7 +26,7 @@ from service.adapters.analyzers.base import (
     AnalyzerUnavailableError,
     TokenUsage,
 )
-from service.adapters.stores.base import AnalysisWrite, ResultsStore, StoredState
+from service.adapters.stores.base import AnalysisWrite, StoredState, UpsertResult
 from service.config import Settings
 from service.domain.dialog import (
     Contact,
@@ -59,6 +59,29 @@ class DialogSource(Protocol):
     async def contact_of_message(self, instance: str, message_id: str) -> str | None: ...
 
 
+class PipelineStore(Protocol):
+    """The results store calls the pipeline makes (every ResultsStore has them; a
+    backfill puts its page cache and write batches in front of them)."""
+
+    async def get_state(
+        self, account: uuid.UUID, instance: str, phone: str
+    ) -> StoredState | None: ...
+
+    async def deleted_ids(self, account: uuid.UUID, instance: str, remote_jid: str) -> set[str]: ...
+
+    async def upsert_analysis(self, write: AnalysisWrite) -> UpsertResult: ...
+
+    async def forget_dialog_time(self, account: uuid.UUID, instance: str, phone: str) -> bool: ...
+
+    async def record_deletes(
+        self, account: uuid.UUID, instance: str, remote_jid: str, message_ids: Sequence[str]
+    ) -> int: ...
+
+    async def get_lead(
+        self, account: uuid.UUID, lead_id: uuid.UUID, *, include_messages: bool = False
+    ) -> LeadRow | None: ...
+
+
 class ContactOutcome(msgspec.Struct, kw_only=True):
     outcome: Outcome
     instance: str
@@ -75,7 +98,7 @@ class Pipeline:
         self,
         settings: Settings,
         reader: DialogSource,
-        store: ResultsStore,
+        store: PipelineStore,
         analyzer: Analyzer,
         metrics: Metrics,
     ) -> None:
@@ -84,6 +107,27 @@ class Pipeline:
         self._store = store
         self._analyzer = analyzer
         self._metrics = metrics
+
+    @property
+    def store(self) -> PipelineStore:
+        return self._store
+
+    @property
+    def analyzer(self) -> Analyzer:
+        return self._analyzer
+
+    def with_parts(
+        self, *, store: PipelineStore | None = None, analyzer: Analyzer | None = None
+    ) -> Pipeline:
+        """The same pipeline through another store or analyzer front (the backfill's page
+        cache and write batches, its limit on analyses in flight); None keeps the part."""
+        return Pipeline(
+            self._settings,
+            self._reader,
+            self._store if store is None else store,
+            self._analyzer if analyzer is None else analyzer,
+            self._metrics,
+        )
 
     @property
     def analyzer_name(self) -> str:

@@ -188,6 +188,21 @@ class MemoryStore:
     async def deleted_ids(self, account: uuid.UUID, instance: str, remote_jid: str) -> set[str]:
         return set(self.deletes.get((account, instance, remote_jid), ()))
 
+    async def deleted_ids_of(
+        self, account: uuid.UUID, instance: str, remote_jids: Sequence[str]
+    ) -> dict[str, set[str]]:
+        found = {jid: await self.deleted_ids(account, instance, jid) for jid in remote_jids}
+        return {jid: ids for jid, ids in found.items() if ids}
+
+    async def get_states(
+        self, account: uuid.UUID, instance: str, phones: Sequence[str]
+    ) -> dict[str, StoredState]:
+        found = {phone: await self.get_state(account, instance, phone) for phone in phones}
+        return {phone: state for phone, state in found.items() if state is not None}
+
+    async def upsert_analyses(self, writes: Sequence[AnalysisWrite]) -> list[UpsertResult]:
+        return [await self.upsert_analysis(write) for write in writes]
+
 
 class MemoryDialogs:
     """Evolution's DB as dialogs per (instance, phone); counts the reads."""

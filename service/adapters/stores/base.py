@@ -181,6 +181,18 @@ class ResultsStore(Protocol):
 
     async def upsert_analysis(self, write: AnalysisWrite) -> UpsertResult: ...
 
+    # bulk forms of the above, for a backfill's page of contacts (same rules, same results)
+    async def get_states(
+        self, account: uuid.UUID, instance: str, phones: Sequence[str]
+    ) -> dict[str, StoredState]:
+        """`get_state` of each phone in one read; phones without a row are left out."""
+        ...
+
+    async def upsert_analyses(self, writes: Sequence[AnalysisWrite]) -> list[UpsertResult]:
+        """`upsert_analysis` of each write, in order, with one result per write. All or
+        nothing on Postgres (one statement): on an error nothing is stored."""
+        ...
+
     # REST
     async def get_lead(
         self, account: uuid.UUID, lead_id: uuid.UUID, *, include_messages: bool = False
@@ -261,6 +273,12 @@ class ResultsStore(Protocol):
     ) -> int: ...
 
     async def deleted_ids(self, account: uuid.UUID, instance: str, remote_jid: str) -> set[str]: ...
+
+    async def deleted_ids_of(
+        self, account: uuid.UUID, instance: str, remote_jids: Sequence[str]
+    ) -> dict[str, set[str]]:
+        """`deleted_ids` of each chat in one read; chats without deletes are left out."""
+        ...
 
     async def remember_lid(self, instance: str, lid: str, phone_jid: str) -> bool: ...
 

@@ -80,6 +80,21 @@ _STATE_SQL = (
     f"SELECT {', '.join(STATE_COLUMNS)} FROM dialog_analysis "  # noqa: S608
     "WHERE user_account_id = $1 AND instance_name = $2 AND contact_phone = $3"
 )
+_STATES_SQL = (
+    f"SELECT contact_phone, {', '.join(STATE_COLUMNS)} FROM dialog_analysis "  # noqa: S608
+    "WHERE user_account_id = $1 AND instance_name = $2 AND contact_phone = ANY($3::text[])"
+)
+# crm_deleted_ids (service/sql/0005_evolution_events.sql) for many chats at once.
+_DELETED_OF_SQL = (
+    "SELECT remote_jid, array_agg(message_id ORDER BY message_id) AS ids "
+    "FROM crm_deleted_messages WHERE user_account_id = $1 AND instance_name = $2 "
+    "AND remote_jid = ANY($3::text[]) GROUP BY remote_jid"
+)
+# One statement, one transaction: the write function runs once per write, in order.
+_UPSERT_MANY_SQL = (
+    "SELECT crm_upsert_analysis(w) AS result "
+    "FROM unnest($1::jsonb[]) WITH ORDINALITY AS t(w, n) ORDER BY n"
+)
 _PAGE_SQL = (
     "SELECT {columns} FROM crm_leads_page("
     "p_account => $1, p_instance => $2, p_interest => $3, p_min_score => $4, "
@@ -137,6 +152,22 @@ class PostgresStore:
         with self._guard("storing an analysis"):
             result = await self._pool.fetchval("SELECT crm_upsert_analysis($1::jsonb)", write)
         return msgspec.convert(result, UpsertResult)
+
+    async def get_states(
+        self, account: uuid.UUID, instance: str, phones: Sequence[str]
+    ) -> dict[str, StoredState]:
+        if not phones:
+            return {}
+        with self._guard("reading leads"):
+            records = await self._pool.fetch(_STATES_SQL, account, instance, list(phones))
+        return {r["contact_phone"]: state_from_record(dict(r)) for r in records}
+
+    async def upsert_analyses(self, writes: Sequence[AnalysisWrite]) -> list[UpsertResult]:
+        if not writes:
+            return []
+        with self._guard("storing analyses"):
+            records = await self._pool.fetch(_UPSERT_MANY_SQL, list(writes))
+        return [msgspec.convert(r["result"], UpsertResult) for r in records]
 
     # -- REST -------------------------------------------------------------------------
     async def get_lead(
@@ -363,6 +394,15 @@ class PostgresStore:
                 "SELECT crm_deleted_ids($1, $2, $3)", account, instance, remote_jid
             )
         return set(ids)
+
+    async def deleted_ids_of(
+        self, account: uuid.UUID, instance: str, remote_jids: Sequence[str]
+    ) -> dict[str, set[str]]:
+        if not remote_jids:
+            return {}
+        with self._guard("reading deletes"):
+            records = await self._pool.fetch(_DELETED_OF_SQL, account, instance, list(remote_jids))
+        return {r["remote_jid"]: set(r["ids"]) for r in records}
 
     async def remember_lid(self, instance: str, lid: str, phone_jid: str) -> bool:
         with self._guard("remembering a LID"):

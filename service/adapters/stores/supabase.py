@@ -288,6 +288,28 @@ class SupabaseStore:
         )
         return msgspec.convert(response.data, UpsertResult)
 
+    async def get_states(
+        self, account: uuid.UUID, instance: str, phones: Sequence[str]
+    ) -> dict[str, StoredState]:
+        if not phones:
+            return {}
+        response = await self._run(
+            "reading leads",
+            lambda: (
+                self._leads()
+                .select("contact_phone", *STATE_COLUMNS)
+                .eq("user_account_id", str(account))
+                .eq("instance_name", instance)
+                .in_("contact_phone", list(phones))
+                .execute()
+            ),
+        )
+        return {r["contact_phone"]: state_from_record(r) for r in response.data or ()}
+
+    async def upsert_analyses(self, writes: Sequence[AnalysisWrite]) -> list[UpsertResult]:
+        # One RPC per write (each its own transaction), sent together.
+        return list(await asyncio.gather(*(self.upsert_analysis(w) for w in writes)))
+
     # -- REST -------------------------------------------------------------------------
     async def get_lead(
         self, account: uuid.UUID, lead_id: uuid.UUID, *, include_messages: bool = False
@@ -541,6 +563,14 @@ class SupabaseStore:
     async def deleted_ids(self, account: uuid.UUID, instance: str, remote_jid: str) -> set[str]:
         params = {"p_account": str(account), "p_instance": instance, "p_remote_jid": remote_jid}
         return set(await self._call("reading deletes", "crm_deleted_ids", params) or ())
+
+    async def deleted_ids_of(
+        self, account: uuid.UUID, instance: str, remote_jids: Sequence[str]
+    ) -> dict[str, set[str]]:
+        found = await asyncio.gather(
+            *(self.deleted_ids(account, instance, jid) for jid in remote_jids)
+        )
+        return {jid: ids for jid, ids in zip(remote_jids, found, strict=True) if ids}
 
     async def remember_lid(self, instance: str, lid: str, phone_jid: str) -> bool:
         params = {"p_instance": instance, "p_lid": lid, "p_phone": phone_jid}

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._databases import create_database, drop_database
 from bench._databases import dsn as _dsn
+from bench._report import report
 from bench.evolution_reader import _generate
 from service.adapters.stores.migrations import apply_migrations
 from service.bootstrap.builders import app_context
@@ -144,6 +145,15 @@ async def _bench(args: argparse.Namespace, base_url: str) -> int:
             f"  rate {rate:.1f} dialogs/s  vs ideal concurrency/latency = "
             f"{args.concurrency}/{args.latency}s = {ideal:.0f}/s  ->  ratio {rate / ideal:.2f}"
             f"  (target >= 0.90)"
+        )
+        report(
+            "backfill",
+            f"dialogs/s at concurrency {args.concurrency}, {args.workers} process(es)",
+            value=f"{rate:.1f} dialogs/s",
+            baseline=f"ideal concurrency/latency {ideal:.0f}/s",
+            ratio=rate / ideal,
+            target=">= 0.9x",
+            met=rate / ideal >= 0.9,
         )
         points = sorted(rss)
         if len(points) >= 2:

@@ -42,6 +42,7 @@ import msgspec
 from aiohttp import web
 
 from bench._databases import dsn
+from bench._report import report
 from bench._servers import server_process
 from service.adapters.broker.envelope import decode_batch
 from service.adapters.broker.topology import Topology
@@ -435,6 +436,15 @@ async def _bench(args: argparse.Namespace) -> int:
         )
     )
     print(f"ratio intake/bare: {ratio:.2f} (target >= {TARGET_RATIO})")
+    report(
+        "intake",
+        "confirmed webhooks/s",
+        value=f"{intake.rate:,.0f} req/s",
+        baseline=f"bare aiohttp handler {bare.rate:,.0f} req/s",
+        ratio=ratio,
+        target=f">= {TARGET_RATIO}x",
+        met=ratio >= TARGET_RATIO,
+    )
     accepted = sum(r.ok for r in results["intake"])
     print(
         f"queue check: server queued {queued} events, shard queues held {events} "

@@ -142,3 +142,42 @@ async def test_reader_streams_what_the_plain_query_lists(generated: str) -> None
         )
         for s in streamed
     ] == [(row[0], row[1], row[2], row[5], row[6]) for row in expected]
+
+
+async def test_streamed_names_and_ids_survive_the_copy_format(evolution_dsn: str) -> None:
+    """The stream reads COPY's text format back: tabs, newlines, backslashes and a literal
+    `\\N` in a name or a message id come back as they were, and no name stays None."""
+    names = ["Tab\there", "Line\nbreak", "Back\\slash", "\\N", "Crlf\r\n", "Ünï 名字"]
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(evolution_dsn)
+    try:
+        instance_id = await create_instance(conn, "copy-inst")
+        rows = [
+            (
+                f"copy-{i}-{j}",
+                f'{{"remoteJid": "7900000000{i}@s.whatsapp.net", "fromMe": false, '
+                f'"id": "ID\\\\t{i}\\t{j}"}}',
+                name,
+                1715000000 + i * 10 + j,
+                instance_id,
+            )
+            for i, name in enumerate([*names, None])
+            for j in range(2)
+        ]
+        await conn.executemany(
+            """INSERT INTO "Message" (id, "key", "pushName", "messageType", message, source,
+                   "messageTimestamp", "instanceId")
+               VALUES ($1, $2::jsonb, $3, 'conversation', '{"conversation": "hi"}', 'android',
+                   $4, $5)""",
+            rows,
+        )
+    finally:
+        await conn.close()
+    reader = await EvolutionReader.connect(evolution_dsn)
+    try:
+        listed = await reader.contacts("copy-inst", min_incoming=1)
+        streamed = [s async for s in reader.iter_contacts("copy-inst", min_incoming=1)]
+    finally:
+        await reader.close()
+    assert streamed == listed
+    assert sorted(s.contact.name or "<none>" for s in streamed) == sorted([*names, "<none>"])
+    assert {s.last_message_id for s in streamed} == {f"ID\\t{i}\t1" for i in range(7)}

@@ -16,6 +16,7 @@ all join the contact whose phone was seen with that LID in other messages.
 from __future__ import annotations
 
 import re
+import tempfile
 from collections.abc import AsyncGenerator, Mapping
 from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
@@ -510,43 +511,25 @@ class EvolutionReader:
     ) -> AsyncGenerator[ContactSummary, None]:
         """`contacts()` as a stream: memory stays flat however many contacts there are.
 
-        The aggregate runs once into a `WITH HOLD` cursor: its result is kept by the
-        server after the transaction ends, so no snapshot stays open on Evolution's busy
-        database while the caller works through the contacts page by page.
+        The aggregate runs once as `COPY (…) TO STDOUT`, spooled to a local temporary file,
+        then read back `page_size` rows at a time. COPY runs with parallel workers (a
+        cursor gets none: the same aggregate took about 1.5x as long through one), and
+        the statement ends before the caller sees the first contact, so no snapshot stays
+        open on Evolution's busy database while the caller works through the contacts.
+        Through a transaction pooler this works as well: it is one statement.
         """
-        if self.pooler:
-            # A transaction pooler may hand the next statement to another server
-            # connection, where a held cursor does not exist: read the aggregate at once
-            # (a few hundred bytes per contact).
-            for summary in await self.contacts(
-                instance, min_incoming=min_incoming, limit=limit, since=since
-            ):
-                yield summary
-            return
         args = self._contact_args(instance, min_incoming, limit, since)
-        # One stream per pooled connection at a time, so a fixed name is unique; the pool's
-        # reset (CLOSE ALL) also drops a cursor left by a broken-off stream.
-        cursor = "crm_contacts"
-        try:
-            async with self._pool.acquire() as conn:
-                async with conn.transaction(readonly=True):
+        with tempfile.TemporaryFile() as spool:
+            try:
+                async with self._pool.acquire() as conn, conn.transaction(readonly=True):
                     await self._prepare_aggregate(conn)
-                    await conn.execute(
-                        f"DECLARE {cursor} NO SCROLL CURSOR WITH HOLD FOR {self._contacts_sql}",
-                        *args,
-                    )
-                try:
-                    while True:
-                        rows = await conn.fetch(f"FETCH FORWARD {int(page_size)} FROM {cursor}")
-                        for row in rows:
-                            yield _summary(row)
-                        if len(rows) < page_size:
-                            break
-                finally:
-                    if not conn.is_closed():
-                        await conn.execute(f"CLOSE {cursor}")
-        except _CONNECTION_ERRORS as exc:
-            raise self._unavailable(exc) from None
+                    await conn.copy_from_query(self._contacts_sql, *args, output=spool)
+            except _CONNECTION_ERRORS as exc:
+                raise self._unavailable(exc) from None
+            spool.seek(0)
+            while lines := spool.readlines(max(1, int(page_size)) * 64):
+                for line in lines:
+                    yield _summary_from_copy(line)
 
     @staticmethod
     async def _prepare_aggregate(conn: PoolConnectionProxy[Any]) -> None:
@@ -734,6 +717,37 @@ def _summary(row: Mapping[str, Any]) -> ContactSummary:
         first_message_at=from_unix(row["first_ts"]),
         last_message_at=from_unix(row["last_ts"]),
         last_message_id=row["last_id"],
+    )
+
+
+# COPY's text format: tab-separated, \\N for NULL, backslash escapes in values.
+_COPY_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+_COPY_ESCAPE = re.compile(r"\\(.)")
+
+
+def _copy_text(field: str) -> str | None:
+    if field == "\\N":
+        return None
+    if "\\" not in field:
+        return field
+    return _COPY_ESCAPE.sub(lambda m: _COPY_ESCAPES.get(m.group(1), m.group(1)), field)
+
+
+def _summary_from_copy(line: bytes) -> ContactSummary:
+    """One row of `contacts_sql` as COPY's text format writes it."""
+    phone, incoming, outgoing, first_ts, last_ts, last_id, name = (
+        line.decode().removesuffix("\n").split("\t")
+    )
+    return _summary(
+        {
+            "phone": _copy_text(phone),
+            "incoming": int(incoming),
+            "outgoing": int(outgoing),
+            "first_ts": int(first_ts),
+            "last_ts": int(last_ts),
+            "last_id": _copy_text(last_id),
+            "name": _copy_text(name),
+        }
     )
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import asyncpg
 
+from bench._report import report
 from service.adapters.evolution.identity import phone_jid_sql
 from service.adapters.evolution.index import apply_index
 from service.adapters.evolution.reader import EvolutionReader
@@ -260,6 +261,15 @@ async def _bench(args: argparse.Namespace) -> int:
                 f"selection / GROUP BY = {select_s / group_s:.1f}x"
             )
             print(f"  time to the first contact: {first_s:.2f} s (median of {args.runs})")
+            report(
+                "evolution_reader",
+                f"contact selection, {args.messages:,} messages",
+                value=f"{select_s:.2f} s (first contact {first_s:.2f} s)",
+                baseline=f"plain GROUP BY {group_s:.2f} s",
+                ratio=select_s / group_s,
+                target=f"<= {SELECTION_TARGET_S:.0f} s",
+                met=select_s <= SELECTION_TARGET_S,
+            )
             print(f"  250k-message instance: {small_n:,} contacts in {small_s:.2f} s")
             print(
                 f"peak RSS: {rss_start:.0f} MiB before, {rss_small:.0f} MiB after the 250k "
@@ -284,6 +294,15 @@ async def _bench(args: argparse.Namespace) -> int:
                 f"(median of {index_n}) -> {no_index_ms / index_ms:.0f}x faster "
                 f"(target <= {DIALOG_TARGET_MS:.0f} ms: "
                 f"{'met' if index_ms <= DIALOG_TARGET_MS else 'MISSED'})"
+            )
+            report(
+                "evolution_reader",
+                "one dialog with the index",
+                value=f"{index_ms:.2f} ms",
+                baseline=f"without the index {no_index_ms:.0f} ms",
+                ratio=index_ms / no_index_ms,
+                target=f"<= {DIALOG_TARGET_MS:.0f} ms",
+                met=index_ms <= DIALOG_TARGET_MS,
             )
             indexed_s = statistics.median(
                 [(await _select(reader, big))[0] for _ in range(args.runs)]

@@ -52,7 +52,7 @@ def report(
 def line(figure: Figure) -> str:
     verdict = "met" if figure.met else "NOT MET"
     return (
-        f"{figure.what}: {figure.value} vs {figure.baseline} = {figure.ratio:.2f}x "
+        f"{figure.what}: {figure.value} vs {figure.baseline} = {figure.ratio:.3g}x "
         f"(target {figure.target}: {verdict}; load {figure.load})"
     )
 

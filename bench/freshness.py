@@ -100,7 +100,7 @@ async def _bench(args: argparse.Namespace) -> int:
                 consumer = ContactConsumer(ctx)
                 await consumer.start()
                 runner, port = await start_local(make_app(ctx))
-                url = f"http://127.0.0.1:{port}/webhooks/evolution?token=bench"
+                url = f"http://127.0.0.1:{port}/webhooks/evolution?token={settings.webhook_token}"
                 evo_conn = await asyncpg.create_pool(_dsn(evo), min_size=1, max_size=args.parallel)
                 res_conn = await asyncpg.create_pool(_dsn(res), min_size=1, max_size=args.parallel)
                 lags: list[float] = []

@@ -131,6 +131,31 @@ class BackfillOptions(msgspec.Struct, kw_only=True):
 ProgressFn = Callable[[BackfillStats, int | None], None]
 
 
+async def contact_pages(
+    reader: ContactLister,
+    options: BackfillOptions,
+    budget: _DialogBudget,
+    stats: BackfillStats,
+    page_size: int,
+) -> AsyncIterator[list[ContactSummary]]:
+    """The contacts a backfill handles, in pages of `page_size`: those over the threshold
+    while `budget` lasts (--max-dialogs), and every one under it (its new_lead row);
+    each counted in `stats.total` as it is handed out."""
+    page: list[ContactSummary] = []
+    async for summary in reader.iter_contacts(
+        options.instance, min_incoming=0, limit=options.max_contacts, since=options.since
+    ):
+        if summary.incoming_count >= options.min_incoming and not budget.take():
+            continue
+        stats.total += 1
+        page.append(summary)
+        if len(page) >= page_size:
+            yield page
+            page = []
+    if page:
+        yield page
+
+
 async def run_backfill(
     pipeline: Pipeline,
     reader: ContactLister,
@@ -165,21 +190,9 @@ async def run_backfill(
         page.clear()
 
     async def produce() -> None:
-        page: list[ContactSummary] = []
         try:
-            async for summary in reader.iter_contacts(
-                options.instance,
-                min_incoming=0,
-                limit=options.max_contacts,
-                since=options.since,
-            ):
-                if summary.incoming_count >= options.min_incoming and not budget.take():
-                    continue
-                stats.total += 1
-                page.append(summary)
-                if len(page) >= page_size:
-                    await hand_out(page)
-            await hand_out(page)
+            async for page in contact_pages(reader, options, budget, stats, page_size):
+                await hand_out(page)
         finally:
             for _ in range(workers_count):
                 await queue.put(None)

@@ -39,6 +39,7 @@ from service.usecases.backfill import (
     ContactLister,
     ProgressFn,
     _DialogBudget,
+    contact_pages,
 )
 from service.usecases.pipeline import Pipeline
 
@@ -118,22 +119,8 @@ async def run_backfill_workers(
 
     async def produce() -> None:
         budget = _DialogBudget(options.max_dialogs)
-        page: list[ContactSummary] = []
         try:
-            async for summary in reader.iter_contacts(
-                options.instance,
-                min_incoming=0,
-                limit=options.max_contacts,
-                since=options.since,
-            ):
-                if summary.incoming_count >= options.min_incoming and not budget.take():
-                    continue
-                stats.total += 1
-                page.append(summary)
-                if len(page) >= _PAGE:
-                    await _put(inbox, _pages.encode(page), procs)
-                    page = []
-            if page:
+            async for page in contact_pages(reader, options, budget, stats, _PAGE):
                 await _put(inbox, _pages.encode(page), procs)
         finally:
             for _ in procs:

@@ -221,6 +221,22 @@ class Pipeline:
             outcome: Outcome = "new_lead" if result.applied else "stale"
             return self._done(outcome, instance, phone, score=write.score, lead_id=result.id)
 
+        return await self._analyze_and_store(
+            dialog, state, account, instance, phone, kind, notify, started
+        )
+
+    async def _analyze_and_store(
+        self,
+        dialog: Dialog,
+        state: StoredState | None,
+        account: uuid.UUID,
+        instance: str,
+        phone: str,
+        kind: CauseKind,
+        notify: bool,
+        started: float,
+    ) -> ContactOutcome:
+        """Analyse a dialog over the threshold, score it and store the lead."""
         bounded = bounded_dialog(
             dialog,
             message_chars=self._settings.max_message_chars,

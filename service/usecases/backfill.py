@@ -131,6 +131,21 @@ class BackfillOptions(msgspec.Struct, kw_only=True):
 ProgressFn = Callable[[BackfillStats, int | None], None]
 
 
+async def note_unpaired(
+    reader: ContactLister, options: BackfillOptions, stats: BackfillStats
+) -> BackfillStats:
+    """Count (and warn of) the LID-only chats a backfill could not analyse."""
+    stats.unpaired_lid_chats = await reader.unpaired_lid_chats(options.instance)
+    if stats.unpaired_lid_chats:
+        logger.warning(
+            "LID-only chats without a known phone were not analysed: {} (they are once a "
+            "message pairs the LID with a phone)",
+            stats.unpaired_lid_chats,
+            instance=options.instance,
+        )
+    return stats
+
+
 async def contact_pages(
     reader: ContactLister,
     options: BackfillOptions,
@@ -220,15 +235,7 @@ async def run_backfill(
     finally:
         if paged is not None:
             await paged.close()
-    stats.unpaired_lid_chats = await reader.unpaired_lid_chats(options.instance)
-    if stats.unpaired_lid_chats:
-        logger.warning(
-            "LID-only chats without a known phone were not analysed: {} (they are once a "
-            "message pairs the LID with a phone)",
-            stats.unpaired_lid_chats,
-            instance=options.instance,
-        )
-    return stats
+    return await note_unpaired(reader, options, stats)
 
 
 # Contacts whose stored states are read together (at least; a page is never smaller than

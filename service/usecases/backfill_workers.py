@@ -29,7 +29,6 @@ from multiprocessing.context import SpawnProcess
 from typing import Any, Protocol
 
 import msgspec
-from loguru import logger
 
 from service.config import Settings
 from service.domain.dialog import ContactSummary, Dialog
@@ -40,6 +39,7 @@ from service.usecases.backfill import (
     ProgressFn,
     _DialogBudget,
     contact_pages,
+    note_unpaired,
 )
 from service.usecases.pipeline import Pipeline
 
@@ -169,15 +169,7 @@ async def run_backfill_workers(
         outbox.close()
     if failures:
         raise RuntimeError("backfill workers failed: " + "; ".join(failures))
-    stats.unpaired_lid_chats = await reader.unpaired_lid_chats(options.instance)
-    if stats.unpaired_lid_chats:
-        logger.warning(
-            "LID-only chats without a known phone were not analysed: {} (they are once a "
-            "message pairs the LID with a phone)",
-            stats.unpaired_lid_chats,
-            instance=options.instance,
-        )
-    return stats
+    return await note_unpaired(reader, options, stats)
 
 
 async def _put(inbox: Any, item: bytes | None, procs: list[SpawnProcess]) -> None:

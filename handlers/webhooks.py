@@ -216,7 +216,7 @@ def setup(app: web.Application) -> None:
     app[AUTH] = WebhookAuth.from_settings(app[CTX].settings)
     app[COUNTS] = _Counts(app[CTX].metrics.webhook_events)
     reader = app[CTX].reader
-    if app[CTX].settings.webhook_verify_instance_apikey and reader is not None:
+    if app[CTX].settings.webhook_verify_instance_apikey:
         app[APIKEYS] = InstanceApikeys(reader)
     for path in ROUTES:
         app.router.add_post(path, evolution_webhook)

@@ -17,11 +17,10 @@ import pytest
 from service.adapters.evolution.seed import load_dialogs
 from service.adapters.stores.base import ResultsStore
 from service.adapters.stores.postgres import PostgresStore
-from service.adapters.stores.supabase import SupabaseStore
 from service.usecases.backfill import BulkStore, _WriteBatcher
 from service.usecases.backfill_workers import shares
 from tests.fakes.openai_server import FakeOpenAI
-from tests.fakes.postgrest_server import SERVICE_KEY, running_postgrest
+from tests.rest_support import open_store
 from tests.test_backfill import _env, backfill
 from tests.test_store_contract import INSTANCE, T0, write
 
@@ -44,19 +43,8 @@ _COMPARED = (
 
 @pytest.fixture(params=["postgres", "supabase"])
 async def store(request: pytest.FixtureRequest, results_dsn: str) -> AsyncIterator[ResultsStore]:
-    if request.param == "postgres":
-        pg = await PostgresStore.open(results_dsn, max_size=10)
-        try:
-            yield pg
-        finally:
-            await pg.close()
-    else:
-        async with running_postgrest(results_dsn) as server:
-            sb = await SupabaseStore.open(server.url, SERVICE_KEY, request_timeout=10, backoff=0.01)
-            try:
-                yield sb
-            finally:
-                await sb.close()
+    async with open_store(request.param, results_dsn) as opened:
+        yield opened
 
 
 async def test_bulk_reads_match_the_single_reads(store: ResultsStore) -> None:

@@ -26,6 +26,7 @@ import msgspec
 
 from service.adapters.stores.base import LeadQuery
 from service.config import Settings
+from service.domain.dialog import jid_of
 from service.domain.lead import LeadRow
 
 DEMO_INSTANCE = "demo"
@@ -57,7 +58,7 @@ def webhook_bodies(dialogs: list[dict[str, Any]], instance: str) -> list[dict[st
                 "apikey": None,
                 "data": {
                     "key": {
-                        "remoteJid": f"{phone}@s.whatsapp.net",
+                        "remoteJid": jid_of(phone),
                         "fromMe": from_me,
                         "id": f"DEMO{item['id'].upper().replace('-', '')}M{index:03d}",
                     },

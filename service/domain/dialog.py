@@ -8,6 +8,13 @@ from datetime import UTC, datetime
 
 import msgspec
 
+PHONE_SUFFIX = "@s.whatsapp.net"  # a phone contact's WhatsApp JID is <digits> + this
+
+
+def jid_of(phone: str) -> str:
+    """The WhatsApp JID of a phone contact (digits as stored on the lead)."""
+    return f"{phone}{PHONE_SUFFIX}"
+
 
 class DialogMessage(msgspec.Struct, frozen=True, kw_only=True):
     id: str

@@ -26,7 +26,7 @@ from msgspec import Meta
 from service.adapters.analyzers.base import AnalysisResult, Analyzer, TokenUsage
 from service.adapters.analyzers.prices import EST_COMPLETION_TOKENS, PRICES_AS_OF, cost_usd
 from service.adapters.stores.base import AnalysisWrite, StoredState, UpsertResult
-from service.domain.dialog import ContactSummary, Dialog
+from service.domain.dialog import ContactSummary, Dialog, jid_of
 from service.domain.lead import LeadRow
 from service.logs import contact_hash
 from service.usecases.pipeline import (
@@ -246,10 +246,6 @@ _MAX_BATCH = 64
 _FLUSHERS = 2
 
 
-def _jid(phone: str) -> str:
-    return f"{phone}@s.whatsapp.net"
-
-
 class GatedAnalyzer:
     """The analyzer with at most `slots` analyses in flight (a FIFO wait for a slot)."""
 
@@ -280,7 +276,7 @@ class PagedStore:
     async def prime(self, account: uuid.UUID, instance: str, phones: Sequence[str]) -> None:
         if not phones:
             return
-        jids = [_jid(phone) for phone in phones]
+        jids = [jid_of(phone) for phone in phones]
         states, deleted = await asyncio.gather(
             self._store.get_states(account, instance, phones),
             self._store.deleted_ids_of(account, instance, jids),
@@ -293,7 +289,7 @@ class PagedStore:
     def forget(self, account: uuid.UUID, instance: str, phone: str) -> None:
         """The contact is done: what was read for it is dropped (memory stays flat)."""
         self._states.pop((account, instance, phone), None)
-        self._deleted.pop((account, instance, _jid(phone)), None)
+        self._deleted.pop((account, instance, jid_of(phone)), None)
 
     async def close(self) -> None:
         await self._writes.close()

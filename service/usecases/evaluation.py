@@ -19,7 +19,7 @@ import msgspec
 
 from service.adapters.analyzers.base import Analyzer, TokenUsage
 from service.adapters.analyzers.prices import EST_COMPLETION_TOKENS, PRICES_AS_OF, price_of
-from service.domain.dialog import Contact, Dialog, DialogMessage, dialog_of
+from service.domain.dialog import Contact, Dialog, DialogMessage, dialog_of, jid_of
 from service.domain.facts import FUNNEL_STAGES
 from service.domain.lead import LeadRow
 from service.domain.scoring import budget_stated, score
@@ -113,7 +113,7 @@ def cases_from_labels(items: Sequence[dict[str, Any]], instance: str = "labels")
             for i, m in enumerate(item["messages"])
         ]
         contact = Contact(
-            phone=phone, remote_jid=f"{phone}@s.whatsapp.net", name=item["contact"].get("push_name")
+            phone=phone, remote_jid=jid_of(phone), name=item["contact"].get("push_name")
         )
         dialog = dialog_of(instance, contact, messages)
         cases.append(EvalCase(id=str(item["id"]), dialog=dialog, truth=truth))

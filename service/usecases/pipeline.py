@@ -34,6 +34,7 @@ from service.domain.dialog import (
     Dialog,
     DialogMessage,
     apply_changes,
+    jid_of,
     merge_messages,
 )
 from service.domain.evidence import FactEvidence, confined
@@ -165,7 +166,7 @@ class Pipeline:
         started = time.perf_counter()
         threshold = self._settings.min_incoming if min_incoming is None else min_incoming
         limit = self._settings.max_dialog_messages
-        jid = f"{phone}@s.whatsapp.net"
+        jid = jid_of(phone)
         if summary is None:
             # The state is needed whatever the dialog holds: both lookups in one wait.
             state, known_deleted = await asyncio.gather(
@@ -411,7 +412,7 @@ def lag_only(dialog: Dialog | None, extra: Sequence[DialogMessage]) -> list[Dial
 def _empty_dialog(instance: str, phone: str, name: str | None) -> Dialog:
     return Dialog(
         instance=instance,
-        contact=Contact(phone=phone, remote_jid=f"{phone}@s.whatsapp.net", name=name),
+        contact=Contact(phone=phone, remote_jid=jid_of(phone), name=name),
         messages=[],
         incoming_count=0,
         outgoing_count=0,
@@ -451,7 +452,7 @@ def _lead_dialog(lead: LeadRow, instance: str, phone: str) -> Dialog | None:
         instance=instance,
         contact=Contact(
             phone=phone,
-            remote_jid=lead.remote_jid or f"{phone}@s.whatsapp.net",
+            remote_jid=lead.remote_jid or jid_of(phone),
             name=lead.contact_name,
         ),
         messages=sorted(messages, key=lambda m: (m.timestamp, m.id)),

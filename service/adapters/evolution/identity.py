@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-PHONE_SUFFIX = "@s.whatsapp.net"
+from service.domain.dialog import PHONE_SUFFIX as PHONE_SUFFIX
+
 LID_SUFFIX = "@lid"
 _NOT_CONTACT_SUFFIXES = ("@g.us", "@broadcast", "@newsletter")
 _JID_FIELDS = ("remoteJid", "remoteJidAlt", "senderPn")
